@@ -1,0 +1,37 @@
+# Two entry points for a fresh machine: `make run` and `make test`. Everything else is a building block.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: setup run test lint typecheck unit integration clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job on the embedded default: an embedded PostgreSQL in ~/.local/share/caracal, migrated.
+run: setup
+	$(BIN)/caracald up
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+typecheck: setup
+	$(BIN)/mypy
+
+# Installs and starts what the integration tests need (redis-server, the Kafka jars), then runs everything.
+test: setup lint typecheck
+	bash .ci/services.sh
+	$(BIN)/pytest -q
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

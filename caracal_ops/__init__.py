@@ -1,0 +1,1 @@
+"""Caracal's operations toolkit: the ``caracal`` CLI and the runbook procedures behind it."""

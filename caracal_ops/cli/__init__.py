@@ -1,0 +1,1 @@
+"""The ``caracal`` command line: one module per command group, each thin: parse, call, print."""

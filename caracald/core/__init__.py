@@ -1,0 +1,1 @@
+"""The pure domain: money, windows, policies, allowlists, pricebook. No I/O lives here."""

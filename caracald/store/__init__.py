@@ -1,0 +1,1 @@
+"""PostgreSQL store: connection pools, forward-only migrations, one repository module per aggregate."""

@@ -1,0 +1,77 @@
+"""Ledger events: insert (idempotent by key) and spending summaries."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from datetime import datetime
+from decimal import Decimal
+
+from psycopg.types.json import Jsonb
+
+from caracald.core.ledger import CHARGED_EVENT_TYPES, SPENDING_EVENT_TYPES, LedgerEvent
+from caracald.store.database import Connection
+
+
+def insert_events(conn: Connection, events: Iterable[LedgerEvent]) -> int:
+    """Insert events, skipping any whose idempotency key is already recorded. Returns how many were new."""
+    rows = [
+        (
+            e.idempotency_key,
+            str(e.event_type),
+            e.agent_id,
+            e.request_id,
+            e.occurred_at,
+            e.resource,
+            e.model,
+            e.input_tokens,
+            e.output_tokens,
+            e.cached_input_tokens,
+            e.cost.amount,
+            e.cost.currency,
+            Jsonb(e.metadata),
+        )
+        for e in events
+    ]
+    if not rows:
+        return 0
+    inserted = 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            """
+            INSERT INTO ledger_events (idempotency_key, event_type, agent_id, request_id, occurred_at,
+                                       resource, model, input_tokens, output_tokens, cached_input_tokens,
+                                       cost, currency, metadata)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            ON CONFLICT (idempotency_key) DO NOTHING
+            """,
+            rows,
+            returning=False,
+        )
+        inserted = cur.rowcount
+    return max(inserted, 0)
+
+
+def spending(
+    conn: Connection, agent_id: uuid.UUID, start: datetime, end: datetime
+) -> dict[str, tuple[Decimal, int]]:
+    """Per currency: (total charged, number of spending events) in [start, end)."""
+    rows = conn.execute(
+        """
+        SELECT currency,
+               COALESCE(sum(cost) FILTER (WHERE event_type = ANY(%(charged)s)), 0) AS total,
+               count(*) FILTER (WHERE event_type = ANY(%(spending)s)) AS events
+          FROM ledger_events
+         WHERE agent_id = %(agent)s AND occurred_at >= %(start)s AND occurred_at < %(end)s
+         GROUP BY currency
+         ORDER BY currency
+        """,
+        {
+            "charged": [str(t) for t in CHARGED_EVENT_TYPES],
+            "spending": [str(t) for t in SPENDING_EVENT_TYPES],
+            "agent": agent_id,
+            "start": start,
+            "end": end,
+        },
+    ).fetchall()
+    return {r["currency"].strip(): (Decimal(r["total"]), int(r["events"])) for r in rows}
