@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 the operation failed (not found, conflict), 2 bad input
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,15 @@ class CaracalGroup(TyperGroup):
         except psycopg.Error as exc:
             raise fail(
                 f"database error: {(exc.diag.message_primary or str(exc)).strip()}", EXIT_FAILED
+            ) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as exc:
+            # a bug: still one line for the operator; CARACAL_DEBUG=1 shows the traceback
+            if os.environ.get("CARACAL_DEBUG"):
+                raise
+            raise fail(
+                f"internal error ({type(exc).__name__}: {exc}); rerun with CARACAL_DEBUG=1 for details"
             ) from None
 
 

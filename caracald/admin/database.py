@@ -88,6 +88,10 @@ def read_only_query(
             fetched = cur.fetchmany(row_limit + 1)
     except psycopg.errors.ReadOnlySqlTransaction:
         raise ValidationError("db query is read-only: the statement tried to write") from None
+    except psycopg.errors.SyntaxError as exc:
+        if "multiple commands" in str(exc):
+            raise ValidationError("db query takes exactly one SQL statement") from None
+        raise ValidationError(f"query failed: {(exc.diag.message_primary or str(exc)).strip()}") from None
     except psycopg.errors.QueryCanceled:
         raise ValidationError(f"query cancelled after the {timeout_ms} ms statement timeout") from None
     except psycopg.Error as exc:

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 
 from caracald.core.errors import ConflictError
 
@@ -72,10 +73,12 @@ def _ensure_history_table(conn: psycopg.Connection[Any]) -> None:
 
 
 def applied_versions(conn: psycopg.Connection[Any]) -> dict[int, str]:
-    exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
-        return {}
-    rows = conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+    # a plain cursor, whatever row factory the connection was opened with
+    with conn.cursor(row_factory=tuple_row) as cur:
+        exists = cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if not exists or not exists[0]:
+            return {}
+        rows = cur.execute("SELECT version, checksum FROM schema_migrations").fetchall()
     return {int(r[0]): str(r[1]) for r in rows}
 
 

@@ -12,27 +12,26 @@ from typer.testing import CliRunner
 from caracal_ops.cli.main import app
 from caracald.store.database import Database
 from caracald.store.migrate import migrate
+from tests.harness.postgres import PostgresService
 
 TEMPLATE = "caracal_template"
 
 
 @pytest.fixture(scope="session")
-def migrated_template(postgres_service: object) -> str:
-    service = postgres_service
-    service.drop_database(TEMPLATE)  # type: ignore[attr-defined]
-    service.create_database(TEMPLATE)  # type: ignore[attr-defined]
-    url: str = service.admin_uri(TEMPLATE)  # type: ignore[attr-defined]
-    migrate(url)
+def migrated_template(postgres_service: PostgresService) -> str:
+    postgres_service.drop_database(TEMPLATE)
+    postgres_service.create_database(TEMPLATE)
+    migrate(postgres_service.admin_uri(TEMPLATE))
     return TEMPLATE
 
 
 @pytest.fixture
-def database_url(postgres_service: object, migrated_template: str) -> Iterator[str]:
+def database_url(postgres_service: PostgresService, migrated_template: str) -> Iterator[str]:
     """A fresh, migrated database for one test."""
     name = f"t_{uuid.uuid4().hex[:16]}"
-    postgres_service.create_database(name, template=migrated_template)  # type: ignore[attr-defined]
-    yield postgres_service.admin_uri(name)  # type: ignore[attr-defined]
-    postgres_service.drop_database(name)  # type: ignore[attr-defined]
+    postgres_service.create_database(name, template=migrated_template)
+    yield postgres_service.admin_uri(name)
+    postgres_service.drop_database(name)
 
 
 @pytest.fixture
