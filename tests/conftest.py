@@ -84,8 +84,11 @@ class _LazyService(Generic[T]):
         assert self._future is not None
         try:
             self._future.set_result(self._make())
-        except BaseException as exc:
+        except Exception as exc:  # raised again by get(), in the test that needs the service
             self._future.set_exception(exc)
+        except BaseException as exc:  # Ctrl-C while starting: fail the fixture, stop the run
+            self._future.set_exception(exc)
+            raise
 
     def get(self) -> T:
         self.prestart(background=False)

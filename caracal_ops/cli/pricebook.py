@@ -160,9 +160,9 @@ def list_prices(
                     {
                         "model": p.model,
                         "currency": p.currency,
-                        "input_per_mtok": p.input_per_mtok,
-                        "output_per_mtok": p.output_per_mtok,
-                        "cached_input_per_mtok": p.cached_input_per_mtok,
+                        "input_per_mtok": _num(p.input_per_mtok),
+                        "output_per_mtok": _num(p.output_per_mtok),
+                        "cached_input_per_mtok": _num_or_none(p.cached_input_per_mtok),
                         "effective_from": p.effective_from,
                     }
                     for p in tokens
@@ -172,8 +172,8 @@ def list_prices(
                         "pattern": p.pattern,
                         "pattern_type": p.pattern_type,
                         "currency": p.currency,
-                        "per_request": p.per_request,
-                        "per_unit": p.per_unit,
+                        "per_request": _num(p.per_request),
+                        "per_unit": _num(p.per_unit),
                         "unit": p.unit,
                         "effective_from": p.effective_from,
                     }
@@ -217,8 +217,13 @@ def list_prices(
 
 
 def _num(value: Any) -> str:
+    """A price as exact plain text without the store's trailing zeros: ``2.5``, not ``2.500000000000``."""
     text = f"{value:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _num_or_none(value: Any) -> str | None:
+    return None if value is None else _num(value)
 
 
 def _in_force(prices: list[Any], when: datetime, key: Any) -> list[Any]:

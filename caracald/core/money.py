@@ -131,11 +131,14 @@ class Money:
         """Parse an amount given by a user, which may not be finer than the ledger scale."""
         value = parse_decimal(text, what=what)
         scale = ledger_scale(currency)
-        if value != value.quantize(_exponent(scale), rounding=ROUND_HALF_EVEN):
-            raise ValidationError(
-                f"{what} {text} has more than {scale} decimal places for {currency.upper()}"
-            )
-        return cls(value, currency)
+        try:
+            if value != value.quantize(_exponent(scale), rounding=ROUND_HALF_EVEN):
+                raise ValidationError(
+                    f"{what} {text} has more than {scale} decimal places for {currency.upper()}"
+                )
+            return cls(value, currency)
+        except InvalidOperation:  # more digits than the decimal context holds
+            raise ValidationError(f"{what} {text} is too large") from None
 
     @classmethod
     def parse_limit(cls, text: str | int | Decimal, currency: str) -> Money:
@@ -145,9 +148,12 @@ class Money:
         if value <= 0:
             raise ValidationError(f"limit must be greater than zero, got {text}")
         digits = minor_units(code)
-        if value != value.quantize(_exponent(digits), rounding=ROUND_HALF_EVEN):
-            raise ValidationError(f"limit {text} has more than {digits} decimal places for {code}")
-        return cls(value, code)
+        try:
+            if value != value.quantize(_exponent(digits), rounding=ROUND_HALF_EVEN):
+                raise ValidationError(f"limit {text} has more than {digits} decimal places for {code}")
+            return cls(value, code)
+        except InvalidOperation:  # more digits than the decimal context holds
+            raise ValidationError(f"limit {text} is too large") from None
 
     # -- arithmetic ---------------------------------------------------------------------------------
 

@@ -42,10 +42,22 @@ def _require_aware(value: datetime, what: str) -> datetime:
     return value.astimezone(UTC)
 
 
+#: Prices are stored exactly as ``numeric(38, 12)``: finer or larger ones would be rounded or refused there.
+PRICE_DECIMAL_PLACES: Final = 12
+_PRICE_INTEGER_DIGITS: Final = 38 - PRICE_DECIMAL_PLACES
+
+
 def _price(value: Decimal, what: str) -> Decimal:
     amount = parse_decimal(value, what=what)
     if amount < 0:
         raise ValidationError(f"{what} must not be negative, got {amount}")
+    if amount.adjusted() >= _PRICE_INTEGER_DIGITS:
+        raise ValidationError(f"{what} {value} is too large")
+    _, digits, exponent = amount.as_tuple()
+    assert isinstance(exponent, int)  # a finite number
+    trailing_zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    if amount != 0 and exponent + trailing_zeros < -PRICE_DECIMAL_PLACES:
+        raise ValidationError(f"{what} {value} has more than {PRICE_DECIMAL_PLACES} decimal places")
     return amount
 
 

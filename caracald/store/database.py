@@ -107,6 +107,8 @@ class Database:
                 yield conn
         except PoolTimeout as exc:
             raise StoreUnavailableError(f"PostgreSQL is unavailable: {_describe(exc)}") from None
+        except psycopg.errors.QueryCanceled:
+            raise  # a statement timeout is the statement's problem, not the server's
         except psycopg.OperationalError as exc:
             raise StoreUnavailableError(f"PostgreSQL is unavailable: {_describe(exc)}") from None
 

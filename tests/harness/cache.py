@@ -6,6 +6,7 @@ The folder is ``$CARACAL_TEST_CACHE`` when set, else ``~/.cache/caracal-test``.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 from filelock import FileLock
@@ -21,9 +22,19 @@ def cache_dir() -> Path:
     return path.resolve()
 
 
+_locks: dict[Path, FileLock] = {}
+_locks_guard = threading.Lock()
+
+
 def cache_lock(name: str, *, timeout: float = 900.0) -> FileLock:
     """An inter-process lock named ``name`` inside the cache folder.
 
-    ``timeout`` is generous because the holder may be downloading jars from Maven Central.
+    One object per lock file and process, so the same thread may take it again while holding
+    it. ``timeout`` is generous because the holder may be downloading jars from Maven Central.
     """
-    return FileLock(str(cache_dir() / f"{name}.lock"), timeout=timeout)
+    path = cache_dir() / f"{name}.lock"
+    with _locks_guard:
+        lock = _locks.get(path)
+        if lock is None:
+            lock = _locks[path] = FileLock(str(path), timeout=timeout)
+        return lock

@@ -127,6 +127,10 @@ BROKER_SETTINGS: dict[str, str] = {
 }
 
 _log = logging.getLogger(__name__)
+# librdkafka's own messages (connection retries while a broker starts): to logging, where pytest
+# captures them, and not to stderr through logging's last-resort handler outside pytest.
+_client_log = logging.getLogger(f"{__name__}.clients")
+_client_log.addHandler(logging.NullHandler())
 
 
 # --------------------------------------------------------------------------- distribution
@@ -336,12 +340,12 @@ def _warm_up(broker: KafkaService) -> None:
     bootstrap = broker.bootstrap_servers
     broker.create_topic(WARMUP, num_partitions=1)
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "logger": _log}
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all", "logger": _client_log}
     )
     producer.produce(WARMUP, key=b"k", value=b"v")
     if producer.flush(60) != 0:
         raise RuntimeError("warm-up: an idempotent produce was not delivered")
-    txn = Producer({"bootstrap.servers": bootstrap, "transactional.id": WARMUP, "logger": _log})
+    txn = Producer({"bootstrap.servers": bootstrap, "transactional.id": WARMUP, "logger": _client_log})
     txn.init_transactions(60)
     txn.begin_transaction()
     txn.produce(WARMUP, key=b"k", value=b"t")
@@ -352,6 +356,7 @@ def _warm_up(broker: KafkaService) -> None:
             "group.id": WARMUP,
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
+            "logger": _client_log,
         }
     )
     try:
@@ -546,8 +551,8 @@ class KafkaService:
     def launch(self) -> KafkaService:
         """Start the JVM and return at once (see :meth:`wait_ready`). A no-op when running.
 
-        The first launch fetches the jars when the cache has none, copies the formatted log
-        folder and picks the ports; later launches (restarts) keep ports and data.
+        The first launch fetches the jars when the cache has none, copies the log-folder
+        template and picks the ports; later launches (restarts) keep ports and data.
         """
         self._require_managed("launch")
         with self._lock:
@@ -559,7 +564,8 @@ class KafkaService:
                 if not self._registered:
                     register_cleanup(self.close)
                     self._registered = True
-                shutil.copytree(dist.template, self.workdir / "data")
+                with cache_lock(f"kafka-{dist.version}"):  # not while it is being remade
+                    shutil.copytree(dist.template, self.workdir / "data")
                 self._pick_ports()
             self._ready = False
             self._spawn()
@@ -740,7 +746,7 @@ class KafkaService:
         """A ``confluent_kafka.admin.AdminClient`` for this broker (logs go to :mod:`logging`)."""
         from confluent_kafka.admin import AdminClient
 
-        return AdminClient(self.client_config(logger=logging.getLogger(f"{__name__}.admin"), **overrides))
+        return AdminClient(self.client_config(logger=_client_log, **overrides))
 
     def create_topic(
         self,

@@ -244,6 +244,11 @@ def test_builder_state_is_validated() -> None:
         TreeBuilder.from_state(1, [b"short"])
     with pytest.raises(ValidationError):
         TreeBuilder().append(b"short")
+    builder = TreeBuilder()
+    with pytest.raises(ValidationError):
+        builder.extend([h, h, h, b"short", h])
+    assert builder.size == 3
+    assert builder.root() == root([h, h, h])
     assert TreeBuilder.from_state(1, [h]).root() == h
 
 
