@@ -254,7 +254,7 @@ def verify_inclusion(
             r = node_hash(r, p)
         fn >>= 1
         sn >>= 1
-    return r == root
+    return sn == 0 and r == root
 
 
 def consistency_proof(
@@ -310,7 +310,7 @@ def verify_consistency(
     if not all(_is_hash(p) for p in path):
         return False
     if old_size == new_size:
-        return not path and old_root == new_root
+        return old_root == new_root
     if not path:
         return False
     if old_size & (old_size - 1) == 0:

@@ -18,7 +18,6 @@ from caracald.core.errors import CurrencyMismatchError, ValidationError
 LEDGER_EXTRA_DIGITS: Final = 6
 
 #: ISO 4217 codes with their minor units. Deliberately a closed list: an unknown code is a typo.
-# fmt: off
 CURRENCY_MINOR_UNITS: Final[dict[str, int]] = {
     "AED": 2,
     "ARS": 2,

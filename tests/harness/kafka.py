@@ -799,6 +799,12 @@ def main(argv: list[str] | None = None) -> int:
         f"CDS archive {dist.cds_archive or 'none'} (ready in {time.monotonic() - started:.1f} s)"
     )
     if args.start:
+
+        def interrupt(signum: int, frame: object) -> None:
+            raise KeyboardInterrupt
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, interrupt)
         broker = KafkaService(version=args.kafka_version).start()
         print(f"bootstrap.servers={broker.bootstrap_servers} (ready in {broker.startup_seconds:.2f} s)")
         print(f"log: {broker.log_path}")

@@ -277,7 +277,8 @@ def test_other_zones_that_skip_midnight(zone: str, day: date, first_hour: int) -
 def test_havana_repeats_midnight_and_the_day_still_starts_at_the_first_one() -> None:
     tz = ZoneInfo("America/Havana")
     bounds = window_bounds(cal("daily", "America/Havana"), local("America/Havana", 2024, 11, 3, 12))
-    assert bounds.start == local("America/Havana", 2024, 11, 3, 0, fold=0)
+    # (an aware time inside a repeated hour never equals one in another zone: compare in UTC)
+    assert bounds.start == local("America/Havana", 2024, 11, 3, 0, fold=0).astimezone(UTC)
     assert bounds.start.astimezone(tz).utcoffset() == timedelta(hours=-4)
     assert bounds.duration == timedelta(hours=25)
     hourly = cal("hourly", "America/Havana")

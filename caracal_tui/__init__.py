@@ -1,0 +1,1 @@
+"""``caracal-tui``: the live operations dashboard, built on the ops toolkit."""

@@ -1,0 +1,1 @@
+"""Atomic budget reservation: Redis scripts when distributed, in process when embedded."""

@@ -1,0 +1,103 @@
+"""The contract every budget backend keeps.
+
+A *scope* is one active policy that a request must fit: the agent's own and every delegating ancestor's.
+Admission is one atomic step over all scopes (all or nothing); a hold then sits against every scope until
+its settlement replaces it with the actual cost, or until it expires and is charged at its reserved amount.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from caracald.core.money import Money
+from caracald.core.windows import WindowBounds, WindowSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    policy_id: uuid.UUID
+    agent_id: uuid.UUID
+    limit: Money
+    window: WindowSpec
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    request_id: uuid.UUID
+    agent_id: uuid.UUID
+    scopes: tuple[Scope, ...]
+    amount: Money  # the upper-bound estimate to hold
+    at: datetime
+    hold_ttl: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    request_id: uuid.UUID
+    admitted: bool
+    amount: Money
+    #: The first scope that could not take the amount (when denied).
+    denied_scope: Scope | None = None
+    #: True when this request id had already been decided: the same answer is returned again.
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    request_id: uuid.UUID
+    #: What the hold was charged: the actual cost, or the reserved amount at expiry.
+    charged: Money
+    #: A settlement arriving after its hold expired corrects the expiry by this much (actual - reserved).
+    correction: Money | None = None
+    #: True when this request was already settled: nothing changed.
+    replayed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredHold:
+    request_id: uuid.UUID
+    agent_id: uuid.UUID
+    amount: Money
+    policy_ids: tuple[uuid.UUID, ...]
+    reserved_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeStatus:
+    scope: Scope
+    bounds: WindowBounds
+    settled: Money
+    held: Money
+    holds: int
+
+    @property
+    def remaining(self) -> Money:
+        return self.scope.limit - self.settled - self.held
+
+
+class BudgetBackend(Protocol):
+    async def remaining(self, scopes: Sequence[Scope], at: datetime) -> Money | None:
+        """The least any scope can still take (limit - settled - held), or None with no scopes."""
+        ...
+
+    async def admit(self, request: AdmissionRequest) -> Admission:
+        """Hold ``amount`` on every scope if each can take it, else on none. Idempotent by request id."""
+        ...
+
+    async def settle(self, request_id: uuid.UUID, actual: Money, at: datetime) -> Settlement:
+        """Replace the hold by the actual cost. Idempotent; a late settlement yields a correction."""
+        ...
+
+    async def expire_due(self, now: datetime, limit: int = 1000) -> list[ExpiredHold]:
+        """Charge every hold past its expiry at its reserved amount, and return them."""
+        ...
+
+    async def status(self, scopes: Sequence[Scope], at: datetime) -> list[ScopeStatus]: ...
+
+    async def holds_in_flight(self) -> int: ...
+
+    async def close(self) -> None: ...
