@@ -310,7 +310,7 @@ def verify_consistency(
     if not all(_is_hash(p) for p in path):
         return False
     if old_size == new_size:
-        return old_root == new_root
+        return not path and old_root == new_root
     if not path:
         return False
     if old_size & (old_size - 1) == 0:

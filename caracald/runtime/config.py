@@ -32,6 +32,15 @@ ENV_SHORTCUTS: Mapping[str, tuple[str, ...]] = {
 }
 
 
+def _redact(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {
+            key: "********" if value is not None and _is_secret_field(key) else _redact(value)
+            for key, value in node.items()
+        }
+    return node
+
+
 def default_data_dir() -> Path:
     """Per-user data folder: ``$CARACAL_HOME``, ``$XDG_DATA_HOME/caracal`` or ``~/.local/share/caracal``."""
     if home := os.environ.get("CARACAL_HOME"):
@@ -76,11 +85,68 @@ class RedisConfig(_Section):
     url_file: Path | None = None
 
 
+class UpstreamConfig(_Section):
+    """A provider the gateway forwards to. The agent never sees ``api_key``."""
+
+    base_url: str
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    #: How the provider wants its key: "bearer" (Authorization: Bearer), or a header name such as x-api-key.
+    auth: str = "bearer"
+    #: Wire format for usage metering and error shapes: openai, anthropic or generic.
+    flavor: Literal["openai", "anthropic", "generic"] = "generic"
+
+
+def _default_upstreams() -> dict[str, UpstreamConfig]:
+    return {
+        "openai": UpstreamConfig(base_url="https://api.openai.com", flavor="openai"),
+        "anthropic": UpstreamConfig(base_url="https://api.anthropic.com", auth="x-api-key", flavor="anthropic"),
+    }
+
+
+class TlsConfig(_Section):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: When set, clients must present a certificate chaining to this CA (mTLS).
+    client_ca_file: Path | None = None
+
+
+class GatewayConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    metrics_port: int = Field(default=9090, ge=0, le=65535)
+    upstreams: dict[str, UpstreamConfig] = Field(default_factory=_default_upstreams)
+    #: Allow the generic route (target URL in the X-Caracal-Target-URL header).
+    generic_route: bool = True
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    upstream_timeout_seconds: float = Field(default=600, gt=0)
+    hold_ttl_seconds: int = Field(default=900, ge=10)
+    #: How long cached agents, policies, allowlists and prices may serve while PostgreSQL is down.
+    cache_max_staleness_seconds: int = Field(default=300, ge=1)
+    cache_refresh_seconds: float = Field(default=5, gt=0)
+    tls: TlsConfig = TlsConfig()
+
+
+class BudgetConfig(_Section):
+    #: "local" (in process, embedded default) or "redis" (shared by every gateway replica).
+    backend: Literal["local", "redis"] = "local"
+
+
+class BusConfig(_Section):
+    #: "postgres" (the event-log table, embedded default) or "kafka".
+    kind: Literal["postgres", "kafka"] = "postgres"
+    #: Durable local spool for events while the bus is unreachable.
+    spool_dir: Path | None = None
+
+
 class CaracalConfig(_Section):
     database: DatabaseConfig = DatabaseConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
     kafka: KafkaConfig = KafkaConfig()
     redis: RedisConfig = RedisConfig()
+    gateway: GatewayConfig = GatewayConfig()
+    budget: BudgetConfig = BudgetConfig()
+    bus: BusConfig = BusConfig()
     #: Where the settings came from (a file path, or "defaults"); shown by ``config show``.
     source: str = Field(default="defaults", exclude=True)
 
@@ -90,17 +156,12 @@ class CaracalConfig(_Section):
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by a marker."""
-        data = self.model_dump(mode="json")
-        for section in data.values():
-            if isinstance(section, dict):
-                for key, value in section.items():
-                    if value is not None and _is_secret_field(key):
-                        section[key] = "********"
-        return data
+        redacted: dict[str, Any] = _redact(self.model_dump(mode="json"))
+        return redacted
 
 
 def _is_secret_field(key: str) -> bool:
-    return key in {"url", "read_replica_url", "sasl_password"}
+    return key in {"url", "read_replica_url", "sasl_password", "api_key"}
 
 
 def _set_path(target: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -120,16 +181,21 @@ def _read_secret(path: Path, what: str) -> str:
         raise CaracalValidationError(f"cannot read {what} from {path}: {exc.strerror}") from None
 
 
-def _resolve_secret_files(data: dict[str, Any]) -> None:
-    """Replace ``x_file`` entries by the secret they point to (unless ``x`` is set directly)."""
-    for section in data.values():
-        if not isinstance(section, dict):
-            continue
-        for key in [k for k in section if k.endswith("_file") and k != "password_file"]:
-            target = key.removesuffix("_file")
-            path = section.get(key)
-            if path and not section.get(target):
-                section[target] = _read_secret(Path(path), f"{target} secret")
+#: ``x_file`` keys whose file holds the secret ``x`` (other ``*_file`` keys, such as TLS files, are paths).
+_SECRET_FILE_KEYS = frozenset({"url_file", "read_replica_url_file", "sasl_password_file", "api_key_file"})
+
+
+def _resolve_secret_files(node: Any) -> None:
+    """Replace ``x_file`` entries, at any depth, by the secret they point to (unless ``x`` is set)."""
+    if not isinstance(node, dict):
+        return
+    for key in [k for k in node if k in _SECRET_FILE_KEYS]:
+        target = key.removesuffix("_file")
+        path = node.get(key)
+        if path and not node.get(target):
+            node[target] = _read_secret(Path(path), f"{target} secret")
+    for value in node.values():
+        _resolve_secret_files(value)
 
 
 def _apply_password_file(data: dict[str, Any]) -> None:
