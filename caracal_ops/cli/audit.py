@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import typer
-from caracald.core.timeparse import parse_timestamp
 
 from caracal_ops.cli.context import EXIT_FAILED, state
 from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_block, emit_json, emit_table, timestamp
 from caracald.admin import audit as audit_admin
 from caracald.core.agents import parse_uuid
+from caracald.core.timeparse import parse_timestamp
 
 app = typer.Typer(help="The audit log of every administrative change.", no_args_is_help=True)
 

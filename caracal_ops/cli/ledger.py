@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import datetime, time, timedelta
 
 import typer
-from caracald.core.timeparse import parse_timestamp
 
 from caracal_ops.cli.context import state
 from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_block, emit_json
@@ -14,6 +13,7 @@ from caracald.admin.common import now
 from caracald.core.agents import parse_uuid
 from caracald.core.errors import ValidationError
 from caracald.core.money import format_average
+from caracald.core.timeparse import parse_timestamp
 from caracald.core.windows import WindowSpec, window_bounds
 
 app = typer.Typer(help="Query the spending ledger.", no_args_is_help=True)

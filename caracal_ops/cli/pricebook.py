@@ -11,7 +11,6 @@ from typing import Any
 
 import typer
 import yaml
-from caracald.core.timeparse import parse_timestamp
 
 from caracal_ops.cli.context import state
 from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_json, emit_table, timestamp
@@ -21,6 +20,7 @@ from caracald.core.allowlist import PatternType
 from caracald.core.errors import ValidationError
 from caracald.core.money import check_currency, parse_decimal
 from caracald.core.pricebook import ResourcePrice, TokenPrice
+from caracald.core.timeparse import parse_timestamp
 
 app = typer.Typer(help="Prices of models and resources, effective-dated.", no_args_is_help=True)
 

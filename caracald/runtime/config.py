@@ -100,7 +100,9 @@ class UpstreamConfig(_Section):
 def _default_upstreams() -> dict[str, UpstreamConfig]:
     return {
         "openai": UpstreamConfig(base_url="https://api.openai.com", flavor="openai"),
-        "anthropic": UpstreamConfig(base_url="https://api.anthropic.com", auth="x-api-key", flavor="anthropic"),
+        "anthropic": UpstreamConfig(
+            base_url="https://api.anthropic.com", auth="x-api-key", flavor="anthropic"
+        ),
     }
 
 

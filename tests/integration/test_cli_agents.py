@@ -127,7 +127,8 @@ def test_create_prints_the_runbook_block_and_the_key_once(cli: Cli, db: Database
 
     # and it is never shown again
     shown = cli.ok("agent", "get", "--agent-id", str(agent_id))
-    assert "API Key" not in shown.stdout and secret not in shown.stdout
+    assert "API Key" not in shown.stdout
+    assert secret not in shown.stdout
     listed = cli.ok("agent", "list", "--format", "json")
     assert secret not in listed.stdout
 
@@ -248,7 +249,8 @@ def test_get_shows_the_agent(cli: Cli) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", fields["Created At"])
 
     data = json.loads(cli.ok("agent", "get", "--agent-id", agent_id, "--format", "json").stdout)
-    assert data["agent_id"] == agent_id and data["description"] == "My AI agent"
+    assert data["agent_id"] == agent_id
+    assert data["description"] == "My AI agent"
 
 
 def test_get_unknown_or_malformed_agent(cli: Cli) -> None:
@@ -317,7 +319,8 @@ def test_rotate_key_revokes_the_old_key(cli: Cli, db: Database) -> None:
 
     old_id, old_secret = split_key(old_key)
     new_id, new_secret = split_key(new_key)
-    assert old_id != new_id and old_secret != new_secret
+    assert old_id != new_id
+    assert old_secret != new_secret
     credentials = {
         r["key_id"]: r for r in rows(db, "SELECT * FROM agent_credentials WHERE agent_id = %s", agent_id)
     }
@@ -349,4 +352,5 @@ def test_rotate_key_as_json(cli: Cli, db: Database) -> None:
     assert data["agent_id"] == agent_id
     key_id, secret = split_key(data["api_key"])
     (live,) = rows(db, "SELECT key_id, secret_hash FROM agent_credentials WHERE revoked_at IS NULL")
-    assert live["key_id"] == key_id and secret_matches(secret, bytes(live["secret_hash"]))
+    assert live["key_id"] == key_id
+    assert secret_matches(secret, bytes(live["secret_hash"]))

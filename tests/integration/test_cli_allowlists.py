@@ -147,11 +147,13 @@ def test_allowed_resource_names_the_matching_entry(cli: Cli) -> None:
     }
 
     data = json.loads(cli.ok("allowlist", "test", "--agent-id", agent_id, "--resource", CHAT, "-o", "json").stdout)
-    assert data["allowed"] is True and data["matched"]["allowlist_id"] == openai
+    assert data["allowed"] is True
+    assert data["matched"]["allowlist_id"] == openai
 
     # the glob's * spans slashes
     messages = check(cli, agent_id, "https://api.anthropic.com/v1/messages")
-    assert messages.exit_code == 0 and block(messages.stdout)["Matched Pattern"] == f"{ANTHROPIC_GLOB} (glob)"
+    assert messages.exit_code == 0
+    assert block(messages.stdout)["Matched Pattern"] == f"{ANTHROPIC_GLOB} (glob)"
 
 
 def test_denied_resource_exits_1(cli: Cli) -> None:
@@ -214,7 +216,8 @@ def test_host_is_case_insensitive_path_is_not(cli: Cli) -> None:
     assert block(upper.stdout)["Resource"] == CHAT
 
     mixed = check(cli, agent_id, "https://api.EXAMPLE.com/v1/search")
-    assert mixed.exit_code == 0 and block(mixed.stdout)["Matched Allowlist ID"] == glob
+    assert mixed.exit_code == 0
+    assert block(mixed.stdout)["Matched Allowlist ID"] == glob
     assert check(cli, agent_id, "https://api.example.com/V1/search").exit_code == 1
 
 
@@ -232,14 +235,16 @@ def test_delete_stops_matching_and_keeps_the_entry_as_deleted(cli: Cli, db: Data
     assert block(result.stdout)["Status"] == "deleted"
 
     denied = check(cli, agent_id, CHAT)
-    assert denied.exit_code == 1 and block(denied.stdout)["Reason"] == "no match among 1 active entries"
+    assert denied.exit_code == 1
+    assert block(denied.stdout)["Reason"] == "no match among 1 active entries"
     assert check(cli, agent_id, "https://api.anthropic.com/v1/messages").exit_code == 0
 
     active = json.loads(cli.ok("allowlist", "list", "--agent-id", agent_id, "-o", "json").stdout)
     assert [e["allowlist_id"] for e in active] == [kept]
     everything = json.loads(cli.ok("allowlist", "list", "--agent-id", agent_id, "--all", "-o", "json").stdout)
     by_id = {e["allowlist_id"]: e for e in everything}
-    assert by_id[entry]["status"] == "deleted" and by_id[entry]["deleted_at"] is not None
+    assert by_id[entry]["status"] == "deleted"
+    assert by_id[entry]["deleted_at"] is not None
     assert by_id[kept]["status"] == "active"
     table = cli.ok("allowlist", "list", "--agent-id", agent_id, "--all").stdout
     assert any(entry in line and "deleted" in line for line in table.splitlines())

@@ -16,7 +16,7 @@ from tests.integration.conftest import Cli
 
 def _count(url: str, table: str) -> int:
     with psycopg.connect(url) as conn:
-        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
         assert row is not None
         return int(row[0])
 
@@ -29,7 +29,8 @@ def test_health_check_reports_a_healthy_store(cli: Cli) -> None:
     assert fields["Schema Version"].startswith(str(latest_version()))
     assert fields["Read Replica"] == "not configured"
     data = json.loads(cli.ok("db", "health-check", "-o", "json").stdout)
-    assert data["status"] == "healthy" and data["latency_ms"] >= 0
+    assert data["status"] == "healthy"
+    assert data["latency_ms"] >= 0
 
 
 def test_health_check_fails_cleanly_when_postgres_is_unreachable() -> None:
@@ -79,7 +80,9 @@ def test_query_reads(cli: Cli) -> None:
     cli.ok("agent", "create", "--name", "reader", "--owner", "o@example.com")
     out = cli.ok("db", "query", "SELECT name, status FROM agents")
     assert out.stdout.split() == ["NAME", "STATUS", "reader", "active"]
-    data = json.loads(cli.ok("db", "query", "SELECT name FROM agents WHERE name LIKE 'read%'", "-o", "json").stdout)
+    data = json.loads(
+        cli.ok("db", "query", "SELECT name FROM agents WHERE name LIKE 'read%'", "-o", "json").stdout
+    )
     assert data == {"columns": ["name"], "rows": [["reader"]], "truncated": False}
 
 
@@ -106,19 +109,22 @@ def test_query_limits_rows_and_time(cli: Cli) -> None:
     assert len(out.stdout.split()) == 11
     assert "truncated to 10 rows" in out.stderr
     slow = cli("db", "query", "SELECT pg_sleep(5)", "--timeout-ms", "200")
-    assert slow.exit_code == 2 and "timeout" in slow.stderr
+    assert slow.exit_code == 2
+    assert "timeout" in slow.stderr
 
 
 def test_query_errors_are_one_line(cli: Cli) -> None:
     result = cli("db", "query", "SELEC nothing")
     assert result.exit_code == 2
-    assert result.stderr.count("\n") == 1 and "syntax error" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert "syntax error" in result.stderr
 
 
 def test_reset_needs_confirmation_and_then_empties_everything(cli: Cli, database_url: str) -> None:
     cli.ok("agent", "create", "--name", "doomed", "--owner", "o@example.com")
     refused = cli("db", "reset")
-    assert refused.exit_code == 1 and "--confirm" in refused.stderr
+    assert refused.exit_code == 1
+    assert "--confirm" in refused.stderr
     assert _count(database_url, "agents") == 1
     out = cli.ok("db", "reset", "--confirm")
     assert "empty schema" in out.stdout

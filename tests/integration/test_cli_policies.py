@@ -99,7 +99,8 @@ def test_create_matches_the_runbook(cli: Cli, db: Database) -> None:
         "tester@example.com",
     )
     (policy,) = rows(db, "SELECT * FROM policies")
-    assert str(policy["agent_id"]) == agent_id and policy["current_version"] == 1
+    assert str(policy["agent_id"]) == agent_id
+    assert policy["current_version"] == 1
 
 
 def test_create_with_other_terms(cli: Cli) -> None:
@@ -117,7 +118,7 @@ def test_create_with_other_terms(cli: Cli) -> None:
         cli.ok(
             "policy", "create", "--agent-id", agent_id, "--limit", "12.5", "--currency", "EUR",
             "--change-reason", "euros", "--format", "json",
-        ).stdout  # fmt: skip
+        ).stdout
     )
     assert data["limit"] == "12.50"
     assert data["currency"] == "EUR"
@@ -207,9 +208,14 @@ def test_update_writes_a_new_version_and_history_keeps_both(cli: Cli, db: Databa
         (2, "150.00", "Q2 growth", "bob@example.com"),
     ]
     table = cli.ok("policy", "history", "--agent-id", agent_id).stdout.splitlines()
-    assert "REASON" in table[0] and "CHANGED BY" in table[0]
-    assert "$100.00 USD" in table[1] and "alice@example.com" in table[1] and table[1].endswith("budget")
-    assert "$150.00 USD" in table[2] and "bob@example.com" in table[2] and table[2].endswith("Q2 growth")
+    assert "REASON" in table[0]
+    assert "CHANGED BY" in table[0]
+    assert "$100.00 USD" in table[1]
+    assert "alice@example.com" in table[1]
+    assert table[1].endswith("budget")
+    assert "$150.00 USD" in table[2]
+    assert "bob@example.com" in table[2]
+    assert table[2].endswith("Q2 growth")
 
     # only the current version is listed
     listed = json.loads(cli.ok("policy", "list", "--agent-id", agent_id, "--format", "json").stdout)
@@ -244,11 +250,13 @@ def test_deactivate_and_list_all(cli: Cli, db: Database) -> None:
     fields = block(result.stdout)
     assert (fields["Policy ID"], fields["Status"], fields["Version"]) == (stopped, "inactive", "2")
     (latest,) = rows(db, "SELECT * FROM policy_versions WHERE policy_id = %s AND version = 2", stopped)
-    assert latest["status"] == "inactive" and latest["change_reason"] == "project ended"
+    assert latest["status"] == "inactive"
+    assert latest["change_reason"] == "project ended"
     assert latest["limit_amount"] == Decimal("500")
 
     listed = cli.ok("policy", "list", "--agent-id", agent_id).stdout
-    assert kept in listed and stopped not in listed
+    assert kept in listed
+    assert stopped not in listed
     everything = json.loads(cli.ok("policy", "list", "--agent-id", agent_id, "--all", "--format", "json").stdout)
     assert {(p["policy_id"], p["status"]) for p in everything} == {(kept, "active"), (stopped, "inactive")}
     table = cli.ok("policy", "list", "--agent-id", agent_id, "--all").stdout

@@ -19,7 +19,9 @@ def _run(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
     env = {**os.environ, "CARACAL_HOME": str(home)}
     for name in ("CARACAL_DATABASE_URL", "CARACAL_CONFIG", "CARACAL_DATA_DIR"):
         env.pop(name, None)
-    result = subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=180)
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=180
+    )
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -42,12 +44,25 @@ def test_up_sets_up_the_store_and_says_what_to_do_next(home: Path) -> None:
 
 
 def test_commands_share_the_running_embedded_server(home: Path) -> None:
-    created = json.loads(_run(home, "caracal", "agent", "create", "--name", "embedded-agent",
-                              "--owner", "o@example.com", "-o", "json").stdout)
+    created = json.loads(
+        _run(
+            home,
+            "caracal",
+            "agent",
+            "create",
+            "--name",
+            "embedded-agent",
+            "--owner",
+            "o@example.com",
+            "-o",
+            "json",
+        ).stdout
+    )
     listed = json.loads(_run(home, "caracal", "agent", "list", "-o", "json").stdout)
     assert [a["agent_id"] for a in listed] == [created["agent_id"]]
     health = json.loads(_run(home, "caracal", "db", "health-check", "-o", "json").stdout)
-    assert health["mode"] == "embedded" and health["status"] == "healthy"
+    assert health["mode"] == "embedded"
+    assert health["status"] == "healthy"
 
 
 def test_stop_then_the_next_command_starts_it_again(home: Path) -> None:

@@ -23,15 +23,22 @@ from tests.integration.conftest import Cli
 def test_ledger_query_reads_from_the_replica(
     cli: Cli, database_url: str, postgres_service: PostgresService, tmp_path: Path
 ) -> None:
-    agent = json.loads(cli.ok("agent", "create", "--name", "r", "--owner", "o@example.com", "-o", "json").stdout)
+    agent = json.loads(
+        cli.ok("agent", "create", "--name", "r", "--owner", "o@example.com", "-o", "json").stdout
+    )
     agent_id = uuid.UUID(agent["agent_id"])
     at = datetime(2024, 5, 1, tzinfo=UTC)
 
     def charge(url: str, amount: str) -> None:
         with Database(url) as db, db.transaction() as conn:
-            ledger_store.insert_events(conn, [
-                LedgerEvent(uuid.uuid4(), LedgerEventType.SETTLEMENT, agent_id, at, Money(Decimal(amount), "USD"))
-            ])
+            ledger_store.insert_events(
+                conn,
+                [
+                    LedgerEvent(
+                        uuid.uuid4(), LedgerEventType.SETTLEMENT, agent_id, at, Money(Decimal(amount), "USD")
+                    )
+                ],
+            )
 
     charge(database_url, "1")
     # the "replica": a copy taken now, which then lags behind the primary
@@ -44,13 +51,30 @@ def test_ledger_query_reads_from_the_replica(
             f"database:\n  url: '{database_url}'\n  read_replica_url: '{postgres_service.admin_uri(replica)}'\n"
         )
         result = CliRunner().invoke(
-            app, ["--config", str(config), "ledger", "query", "--agent-id", str(agent_id),
-                  "--start-time", "2024-05-01", "-o", "json"],
+            app,
+            [
+                "--config",
+                str(config),
+                "ledger",
+                "query",
+                "--agent-id",
+                str(agent_id),
+                "--start-time",
+                "2024-05-01",
+                "-o",
+                "json",
+            ],
         )
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)[0]["total_spending"] == "1.00"
-        assert json.loads(cli.ok("ledger", "query", "--agent-id", str(agent_id), "--start-time", "2024-05-01",
-                                 "-o", "json").stdout)[0]["total_spending"] == "11.00"
+        assert (
+            json.loads(
+                cli.ok(
+                    "ledger", "query", "--agent-id", str(agent_id), "--start-time", "2024-05-01", "-o", "json"
+                ).stdout
+            )[0]["total_spending"]
+            == "11.00"
+        )
         health = CliRunner().invoke(app, ["--config", str(config), "db", "health-check", "-o", "json"])
         assert json.loads(health.stdout)["read_replica"] == "healthy"
     finally:

@@ -14,7 +14,8 @@ from caracald.runtime.config import default_data_dir, load_config
 def test_defaults_mean_the_embedded_store(tmp_path: Path) -> None:
     config = load_config(environ={"CARACAL_HOME": str(tmp_path)})
     assert config.embedded_mode
-    assert config.database.pool_size == 20 and config.database.max_overflow == 50
+    assert config.database.pool_size == 20
+    assert config.database.max_overflow == 50
 
 
 def test_data_dir_defaults_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -57,7 +58,8 @@ def test_secrets_come_from_files_and_are_redacted(tmp_path: Path) -> None:
     assert url == "postgresql://caracal:s3cr3t%2Fwith%3Achars@db.internal:5432/caracal"
     shown = config.redacted()
     assert shown["database"]["url"] == "********"
-    assert "s3cr3t" not in repr(config) and "s3cr3t" not in str(shown)
+    assert "s3cr3t" not in repr(config)
+    assert "s3cr3t" not in str(shown)
 
 
 @pytest.mark.parametrize(
