@@ -96,6 +96,7 @@ def _register() -> None:
         audit,
         config_cmd,
         db,
+        kafka,
         ledger,
         policy,
         pricebook,
@@ -108,6 +109,7 @@ def _register() -> None:
     app.add_typer(ledger.app, name="ledger")
     app.add_typer(audit.app, name="audit")
     app.add_typer(db.app, name="db")
+    app.add_typer(kafka.app, name="kafka")
     app.add_typer(config_cmd.app, name="config")
 
 

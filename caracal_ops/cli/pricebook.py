@@ -91,9 +91,11 @@ def set_price(
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValidationError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     suffix = path.suffix.lower()
     try:
         if suffix == ".csv":
@@ -107,12 +109,23 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
         else:
             data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ValidationError(f"{path} is not valid {suffix.lstrip('.') or 'YAML'}: {exc}") from None
+        raise ValidationError(
+            f"{path} is not valid {suffix.lstrip('.') or 'YAML'}: {_parse_problem(exc)}"
+        ) from None
     if isinstance(data, dict) and "prices" in data:
         data = data["prices"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise ValidationError(f"{path} must hold a list of price records (or a mapping with a 'prices' list)")
     return data
+
+
+def _parse_problem(exc: Exception) -> str:
+    """The parser's complaint on one line (YAML's spans several, with a quote of the text)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{exc.problem}{where}"
+    return " ".join(str(exc).split())
 
 
 class _ExactLoader(yaml.SafeLoader):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import cast
 from dataclasses import replace
 
 from caracald.admin.common import audit, now, require_active_agent, require_agent
@@ -18,7 +19,7 @@ from caracald.core.policy import (
     check_covers_descendants,
     check_within_ancestors,
 )
-from caracald.core.windows import WindowSpec
+from caracald.core.windows import TimeWindow, WindowSpec, WindowType
 from caracald.store import agents as agent_store
 from caracald.store import policies as policy_store
 from caracald.store.database import Connection, Database
@@ -26,9 +27,9 @@ from caracald.store.database import Connection, Database
 
 def parse_terms(limit: str, currency: str, time_window: str, window_type: str, timezone: str) -> PolicyTerms:
     """Validate a policy's terms as a user typed them."""
-    return PolicyTerms(
-        limit=Money.parse_limit(limit, currency), window=WindowSpec(time_window, window_type, timezone)
-    )  # type: ignore[arg-type]
+    # WindowSpec turns the words into enums, refusing unknown ones with a message listing the choices
+    spec = WindowSpec(cast(TimeWindow, time_window), cast(WindowType, window_type), timezone)
+    return PolicyTerms(limit=Money.parse_limit(limit, currency), window=spec)
 
 
 def _delegation_checks(
@@ -115,7 +116,7 @@ def change_policy(
             subject_id=policy_id,
             agent_id=current.agent_id,
             reason=reason,
-            details={**_details(version), "previous_limit": str(current.terms.limit.amount)},
+            details={**_details(version), "previous_limit": current.terms.limit.decimal_string()},
         )
     return version
 
@@ -179,7 +180,7 @@ def _details(version: PolicyVersion) -> dict[str, str | int]:
     terms = version.terms
     return {
         "version": version.version,
-        "limit": str(terms.limit.amount.normalize()),
+        "limit": terms.limit.decimal_string(),  # plain text: normalize() would give "1E+2" for 100
         "currency": terms.limit.currency,
         "time_window": str(terms.window.window),
         "window_type": str(terms.window.window_type),

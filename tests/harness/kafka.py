@@ -401,6 +401,9 @@ def _train(dist: KafkaDist, home: Path, archive: Path | None) -> None:
             if not partial.is_file() or partial.stat().st_size == 0:
                 raise RuntimeError(f"the JVM wrote no CDS archive; end of its log:\n{broker.log_tail()}")
             partial.rename(archive)
+            for stale in home.glob("cds-*.jsa"):  # made for another JVM or other JVM options
+                if stale != archive:
+                    stale.unlink(missing_ok=True)
         failed.unlink(missing_ok=True)
     except Exception as exc:
         failed.write_text(f"{exc!r}\n")
@@ -478,7 +481,8 @@ class KafkaService:
         self.controller_port: int | None = None
         self._bootstrap = bootstrap_servers
         self.workdir: Path | None = None
-        self.startup_seconds: float | None = None
+        self.startup_seconds: float | None = None  # first start: launch to ready
+        self.last_start_seconds: float | None = None  # latest start or restart
         self._dist = _dist
         self._cds_dump = _cds_dump
         self._proc: subprocess.Popen[bytes] | None = None
@@ -637,6 +641,7 @@ class KafkaService:
                     raise
             self._ready = True
             elapsed = time.monotonic() - self._launched_at
+            self.last_start_seconds = elapsed
             if first_start:
                 self.startup_seconds = elapsed
             _log.info("Kafka broker ready at %s after %.2f s", self._bootstrap, elapsed)

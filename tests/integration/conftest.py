@@ -53,13 +53,18 @@ class CliResult:
 class Cli:
     """Runs ``caracal`` in process against the test database, as a given actor."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, env: dict[str, str] | None = None) -> None:
         self.database_url = database_url
         self.runner = CliRunner()
+        self.env = dict(env or {})
 
     def __call__(self, *args: str, actor: str = "tester@example.com", input: str | None = None) -> CliResult:
         result = self.runner.invoke(
-            app, ["--database-url", self.database_url, "--actor", actor, *args], input=input, catch_exceptions=False
+            app,
+            ["--database-url", self.database_url, "--actor", actor, *args],
+            input=input,
+            env=self.env,
+            catch_exceptions=False,
         )
         return CliResult(result.exit_code, result.stdout, result.stderr)
 

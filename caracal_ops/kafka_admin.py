@@ -1,0 +1,214 @@
+"""Kafka administration for operators: topics, brokers, consumer lag, topic creation.
+
+Lag is computed the way ``kafka-consumer-groups --describe`` prints it: per partition, the group's committed
+offset, the partition's log end offset (high watermark) and their difference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin._resource import ResourceType
+from confluent_kafka.cimpl import NewTopic
+
+from caracald.core.errors import CaracalError, NotFoundError, StoreUnavailableError, ValidationError
+from caracald.core.events import AUDIT_TOPIC, DLQ_TOPIC, METERING_TOPIC
+from caracald.runtime.config import KafkaConfig
+
+CARACAL_TOPICS = (METERING_TOPIC, AUDIT_TOPIC, DLQ_TOPIC)
+_TIMEOUT = 10.0
+
+
+def client_settings(config: KafkaConfig) -> dict[str, Any]:
+    if not config.bootstrap_servers:
+        raise ValidationError(
+            "no Kafka configured: set kafka.bootstrap_servers (or CARACAL_KAFKA_BOOTSTRAP_SERVERS); "
+            "the embedded default keeps its events in PostgreSQL"
+        )
+    settings: dict[str, Any] = {
+        "bootstrap.servers": config.bootstrap_servers,
+        "security.protocol": config.security_protocol,
+    }
+    if config.sasl_mechanism:
+        settings["sasl.mechanism"] = config.sasl_mechanism
+        settings["sasl.username"] = config.sasl_username or ""
+        if config.sasl_password is not None:
+            settings["sasl.password"] = config.sasl_password.get_secret_value()
+    return settings
+
+
+def _admin(config: KafkaConfig) -> AdminClient:
+    # librdkafka's own connection chatter would bury the one-line error the command prints
+    return AdminClient({**client_settings(config), "log_level": 0})
+
+
+def _unavailable(exc: Exception) -> CaracalError:
+    return StoreUnavailableError(f"Kafka is unavailable: {exc}")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerInfo:
+    broker_id: int
+    host: str
+    port: int
+    is_controller: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    partition: int
+    leader: int
+    replicas: tuple[int, ...]
+    in_sync: tuple[int, ...]
+    low: int
+    high: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopicInfo:
+    name: str
+    partitions: tuple[PartitionInfo, ...]
+    config: dict[str, str]
+
+    @property
+    def replication_factor(self) -> int:
+        return len(self.partitions[0].replicas) if self.partitions else 0
+
+    @property
+    def messages(self) -> int:
+        return sum(p.high - p.low for p in self.partitions)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    topic: str
+    partition: int
+    committed: int | None  # None: the group never committed on this partition
+    log_end: int
+    lag: int
+
+
+def list_brokers(config: KafkaConfig) -> list[BrokerInfo]:
+    try:
+        metadata = _admin(config).list_topics(timeout=_TIMEOUT)
+    except KafkaException as exc:
+        raise _unavailable(exc) from None
+    return sorted(
+        (BrokerInfo(b.id, b.host, b.port, b.id == metadata.controller_id) for b in metadata.brokers.values()),
+        key=lambda b: b.broker_id,
+    )
+
+
+def list_topics(config: KafkaConfig, *, include_internal: bool = False) -> list[str]:
+    try:
+        metadata = _admin(config).list_topics(timeout=_TIMEOUT)
+    except KafkaException as exc:
+        raise _unavailable(exc) from None
+    return sorted(t for t in metadata.topics if include_internal or not t.startswith("__"))
+
+
+def _watermarks(
+    config: KafkaConfig, partitions: list[TopicPartition]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    consumer = Consumer(
+        {**client_settings(config), "group.id": "caracal-ops-inspector", "enable.auto.commit": False}
+    )
+    try:
+        return {
+            (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)
+            for tp in partitions
+        }
+    except KafkaException as exc:
+        raise _unavailable(exc) from None
+    finally:
+        consumer.close()
+
+
+def describe_topic(config: KafkaConfig, topic: str) -> TopicInfo:
+    admin = _admin(config)
+    try:
+        metadata = admin.list_topics(topic=topic, timeout=_TIMEOUT)
+    except KafkaException as exc:
+        raise _unavailable(exc) from None
+    found = metadata.topics.get(topic)
+    if found is None or found.error is not None:
+        raise NotFoundError(f"topic {topic!r} does not exist")
+    try:
+        (future,) = admin.describe_configs([ConfigResource(ResourceType.TOPIC, topic)]).values()
+        entries = future.result(timeout=_TIMEOUT)
+        settings = {name: str(entry.value) for name, entry in entries.items() if not entry.is_default}
+    except KafkaException:
+        settings = {}
+    marks = _watermarks(config, [TopicPartition(topic, p) for p in found.partitions])
+    partitions = tuple(
+        PartitionInfo(
+            p.id,
+            p.leader,
+            tuple(p.replicas),
+            tuple(p.isrs),
+            *marks[(topic, p.id)],
+        )
+        for p in sorted(found.partitions.values(), key=lambda p: p.id)
+    )
+    return TopicInfo(topic, partitions, settings)
+
+
+def consumer_lag(config: KafkaConfig, group: str, topics: list[str] | None = None) -> list[PartitionLag]:
+    """Per-partition lag of a consumer group on the topics it has committed on (or on ``topics``)."""
+    admin = _admin(config)
+    try:
+        request = [ConsumerGroupTopicPartitions(group)]
+        (future,) = admin.list_consumer_group_offsets(request).values()
+        committed = future.result(timeout=_TIMEOUT).topic_partitions or []
+    except KafkaException as exc:
+        message = str(exc)
+        if "GROUP_ID_NOT_FOUND" in message:
+            raise NotFoundError(f"consumer group {group!r} not found") from None
+        raise _unavailable(exc) from None
+    by_partition = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
+    wanted_topics = topics or sorted({tp.topic for tp in committed})
+    if not wanted_topics:
+        raise NotFoundError(f"consumer group {group!r} has no committed offsets")
+    partitions: list[TopicPartition] = []
+    for topic in wanted_topics:
+        info = admin.list_topics(topic=topic, timeout=_TIMEOUT).topics.get(topic)
+        if info is None or info.error is not None:
+            raise NotFoundError(f"topic {topic!r} does not exist")
+        partitions += [TopicPartition(topic, p) for p in sorted(info.partitions)]
+    marks = _watermarks(config, partitions)
+    lags = []
+    for tp in partitions:
+        low, high = marks[(tp.topic, tp.partition)]
+        offset = by_partition.get((tp.topic, tp.partition))
+        lag = high - (offset if offset is not None else low)
+        lags.append(PartitionLag(tp.topic, tp.partition, offset, high, max(lag, 0)))
+    return lags
+
+
+def create_topics(
+    config: KafkaConfig,
+    *,
+    names: tuple[str, ...] = CARACAL_TOPICS,
+    partitions: int = 12,
+    replication_factor: int = 3,
+    retention_ms: int | None = None,
+) -> dict[str, str]:
+    """Create the topics that do not exist yet. Returns, per topic, "created" or "exists"."""
+    if partitions < 1 or replication_factor < 1:
+        raise ValidationError("partitions and replication factor must be at least 1")
+    admin = _admin(config)
+    existing = set(list_topics(config, include_internal=True))
+    settings = {"retention.ms": str(retention_ms)} if retention_ms is not None else {}
+    todo = [NewTopic(n, partitions, replication_factor, config=settings) for n in names if n not in existing]
+    results = {n: "exists" for n in names if n in existing}
+    if todo:
+        for name, future in admin.create_topics(todo, request_timeout=_TIMEOUT).items():
+            try:
+                future.result(timeout=_TIMEOUT)
+            except KafkaException as exc:
+                raise ValidationError(f"cannot create topic {name}: {exc.args[0].str()}") from None
+            results[name] = "created"
+    return results
