@@ -114,7 +114,12 @@ def _watermarks(
     config: KafkaConfig, partitions: list[TopicPartition]
 ) -> dict[tuple[str, int], tuple[int, int]]:
     consumer = Consumer(
-        {**client_settings(config), "group.id": "caracal-ops-inspector", "enable.auto.commit": False}
+        {
+            **client_settings(config),
+            "group.id": "caracal-ops-inspector",
+            "enable.auto.commit": False,
+            "log_level": 0,
+        }
     )
     try:
         return {

@@ -13,8 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
+from caracald.core.errors import CaracalError, CurrencyMismatchError
 from caracald.core.money import Money
 from caracald.core.windows import WindowBounds, WindowSpec
+
+
+class BudgetUnavailableError(CaracalError):
+    """The budget counters cannot be reached (or hold no data yet): fail closed, answer 503."""
+
+    reason = "budget_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,3 +108,20 @@ class BudgetBackend(Protocol):
     async def holds_in_flight(self) -> int: ...
 
     async def close(self) -> None: ...
+
+
+def least_remaining(statuses: Sequence[ScopeStatus]) -> Money | None:
+    """The least any scope can still take, or None with no scopes (all must share one currency)."""
+    if not statuses:
+        return None
+    currencies = {status.scope.limit.currency for status in statuses}
+    if len(currencies) > 1:
+        raise CurrencyMismatchError(f"scopes budget in several currencies ({', '.join(sorted(currencies))})")
+    return min((status.remaining for status in statuses), key=lambda money: money.amount)
+
+
+def denied_scope_of(scopes: Sequence[Scope], index: int | None, policy_id: uuid.UUID | None) -> Scope | None:
+    """The scope that denied: by position when it is still that policy (a replay may differ), else by id."""
+    if index is not None and 0 <= index < len(scopes) and scopes[index].policy_id == policy_id:
+        return scopes[index]
+    return next((scope for scope in scopes if scope.policy_id == policy_id), None)

@@ -235,7 +235,14 @@ def test_list_as_table_and_json(cli: Cli) -> None:
 def test_get_shows_the_agent(cli: Cli) -> None:
     agent_id = block(
         cli.ok(
-            "agent", "create", "--name", "my-agent", "--description", "My AI agent", "--owner", "user@example.com"
+            "agent",
+            "create",
+            "--name",
+            "my-agent",
+            "--description",
+            "My AI agent",
+            "--owner",
+            "user@example.com",
         ).stdout
     )["Agent ID"]
     result = cli.ok("agent", "get", "--agent-id", agent_id)
@@ -331,7 +338,9 @@ def test_rotate_key_revokes_the_old_key(cli: Cli, db: Database) -> None:
     assert new["revoked_at"] is None
     assert secret_matches(new_secret, bytes(new["secret_hash"]))
     assert not secret_matches(old_secret, bytes(new["secret_hash"]))
-    live = rows(db, "SELECT key_id FROM agent_credentials WHERE agent_id = %s AND revoked_at IS NULL", agent_id)
+    live = rows(
+        db, "SELECT key_id FROM agent_credentials WHERE agent_id = %s AND revoked_at IS NULL", agent_id
+    )
     assert [r["key_id"] for r in live] == [new_id]
     assert tables_containing(db, new_secret) == []
 
@@ -342,7 +351,9 @@ def test_rotate_key_revokes_the_old_key(cli: Cli, db: Database) -> None:
 
     # rotating again leaves exactly one live key, the newest
     newest = split_key(block(cli.ok("agent", "rotate-key", "--agent-id", agent_id).stdout)["API Key"])[0]
-    live = rows(db, "SELECT key_id FROM agent_credentials WHERE agent_id = %s AND revoked_at IS NULL", agent_id)
+    live = rows(
+        db, "SELECT key_id FROM agent_credentials WHERE agent_id = %s AND revoked_at IS NULL", agent_id
+    )
     assert [r["key_id"] for r in live] == [newest]
 
 

@@ -30,7 +30,9 @@ def written(db: Database) -> dict[str, int]:
     counts = {}
     with db.read() as conn:
         for table in ("allowlists", "audit_log"):
-            row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))).fetchone()
+            row = conn.execute(
+                sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))
+            ).fetchone()
             assert row is not None
             counts[table] = int(row["n"])
     return counts
@@ -51,7 +53,9 @@ def agent(cli: Cli, name: str = "my-agent") -> str:
 
 
 def allow(cli: Cli, agent_id: str, pattern: str, pattern_type: str) -> str:
-    result = cli.ok("allowlist", "create", "--agent-id", agent_id, "--pattern", pattern, "--pattern-type", pattern_type)
+    result = cli.ok(
+        "allowlist", "create", "--agent-id", agent_id, "--pattern", pattern, "--pattern-type", pattern_type
+    )
     return block(result.stdout)["Allowlist ID"]
 
 
@@ -111,7 +115,9 @@ def test_invalid_patterns_are_bad_input_and_write_nothing(cli: Cli, db: Database
         ("   ", "glob", "pattern is empty"),
         ("https://x/*", "wildcard", "unknown pattern type 'wildcard'"),
     ]:
-        result = cli("allowlist", "create", "--agent-id", agent_id, "--pattern", pattern, "--pattern-type", kind)
+        result = cli(
+            "allowlist", "create", "--agent-id", agent_id, "--pattern", pattern, "--pattern-type", kind
+        )
         assert_error(result, 2, message)
     assert written(db) == before
 
@@ -146,7 +152,9 @@ def test_allowed_resource_names_the_matching_entry(cli: Cli) -> None:
         "Matched Pattern": f"{OPENAI_REGEX} (regex)",
     }
 
-    data = json.loads(cli.ok("allowlist", "test", "--agent-id", agent_id, "--resource", CHAT, "-o", "json").stdout)
+    data = json.loads(
+        cli.ok("allowlist", "test", "--agent-id", agent_id, "--resource", CHAT, "-o", "json").stdout
+    )
     assert data["allowed"] is True
     assert data["matched"]["allowlist_id"] == openai
 
@@ -161,7 +169,11 @@ def test_denied_resource_exits_1(cli: Cli) -> None:
     # an empty allowlist allows nothing
     empty = check(cli, agent_id, CHAT)
     assert empty.exit_code == 1, empty
-    assert block(empty.stdout) == {"Resource": CHAT, "Result": "DENIED", "Reason": "no match among 0 active entries"}
+    assert block(empty.stdout) == {
+        "Resource": CHAT,
+        "Result": "DENIED",
+        "Reason": "no match among 0 active entries",
+    }
 
     allow(cli, agent_id, OPENAI_REGEX, "regex")
     result = check(cli, agent_id, "https://api.anthropic.com/v1/messages")
@@ -172,7 +184,9 @@ def test_denied_resource_exits_1(cli: Cli) -> None:
     assert fields["Reason"] == "no match among 1 active entries"
 
     data = json.loads(
-        cli("allowlist", "test", "--agent-id", agent_id, "--resource", "https://x.example/", "-o", "json").stdout
+        cli(
+            "allowlist", "test", "--agent-id", agent_id, "--resource", "https://x.example/", "-o", "json"
+        ).stdout
     )
     assert data == {"resource": "https://x.example/", "allowed": False, "matched": None}
 

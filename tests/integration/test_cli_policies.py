@@ -29,7 +29,9 @@ def written(db: Database) -> dict[str, int]:
     counts = {}
     with db.read() as conn:
         for table in ("policies", "policy_versions", "audit_log"):
-            row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))).fetchone()
+            row = conn.execute(
+                sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))
+            ).fetchone()
             assert row is not None
             counts[table] = int(row["n"])
     return counts
@@ -53,13 +55,24 @@ def agent(cli: Cli, name: str = "my-agent", parent: str | None = None) -> str:
 
 def create_policy(cli: Cli, agent_id: str, limit: str, *extra: str, actor: str = "tester@example.com") -> str:
     result = cli.ok(
-        "policy", "create", "--agent-id", agent_id, "--limit", limit, "--change-reason", "budget", *extra, actor=actor
+        "policy",
+        "create",
+        "--agent-id",
+        agent_id,
+        "--limit",
+        limit,
+        "--change-reason",
+        "budget",
+        *extra,
+        actor=actor,
     )
     return block(result.stdout)["Policy ID"]
 
 
 def policy_create(cli: Cli, agent_id: str, limit: str, *extra: str) -> CliResult:
-    return cli("policy", "create", "--agent-id", agent_id, "--limit", limit, "--change-reason", "budget", *extra)
+    return cli(
+        "policy", "create", "--agent-id", agent_id, "--limit", limit, "--change-reason", "budget", *extra
+    )
 
 
 # --------------------------------------------------------------------------- create
@@ -116,8 +129,18 @@ def test_create_with_other_terms(cli: Cli) -> None:
 
     data = json.loads(
         cli.ok(
-            "policy", "create", "--agent-id", agent_id, "--limit", "12.5", "--currency", "EUR",
-            "--change-reason", "euros", "--format", "json",
+            "policy",
+            "create",
+            "--agent-id",
+            agent_id,
+            "--limit",
+            "12.5",
+            "--currency",
+            "EUR",
+            "--change-reason",
+            "euros",
+            "--format",
+            "json",
         ).stdout
     )
     assert data["limit"] == "12.50"
@@ -232,7 +255,9 @@ def test_bad_update_writes_nothing(cli: Cli, db: Database) -> None:
         ("1e999", "r", 2, "too large"),
         ("50", " ", 2, "change reason is required"),
     ]:
-        result = cli("policy", "update", "--policy-id", policy_id, "--limit", limit, "--change-reason", reason)
+        result = cli(
+            "policy", "update", "--policy-id", policy_id, "--limit", limit, "--change-reason", reason
+        )
         assert_error(result, code, message)
     unknown = "550e8400-e29b-41d4-a716-446655440000"
     result = cli("policy", "update", "--policy-id", unknown, "--limit", "5", "--change-reason", "r")
@@ -257,7 +282,9 @@ def test_deactivate_and_list_all(cli: Cli, db: Database) -> None:
     listed = cli.ok("policy", "list", "--agent-id", agent_id).stdout
     assert kept in listed
     assert stopped not in listed
-    everything = json.loads(cli.ok("policy", "list", "--agent-id", agent_id, "--all", "--format", "json").stdout)
+    everything = json.loads(
+        cli.ok("policy", "list", "--agent-id", agent_id, "--all", "--format", "json").stdout
+    )
     assert {(p["policy_id"], p["status"]) for p in everything} == {(kept, "active"), (stopped, "inactive")}
     table = cli.ok("policy", "list", "--agent-id", agent_id, "--all").stdout
     assert any(stopped in line and "inactive" in line for line in table.splitlines())
@@ -281,9 +308,11 @@ def test_policy_versions_cannot_be_changed_even_with_sql(cli: Cli, db: Database)
         "UPDATE policy_versions SET change_reason = 'nothing to see' WHERE policy_id = %s",
         "DELETE FROM policy_versions WHERE policy_id = %s",
     ]:
-        with pytest.raises(psycopg.errors.IntegrityConstraintViolation, match="policy_versions rows are immutable"):
-            with db.transaction() as conn:
-                conn.execute(statement, (policy_id,))
+        refused = pytest.raises(
+            psycopg.errors.IntegrityConstraintViolation, match="policy_versions rows are immutable"
+        )
+        with refused, db.transaction() as conn:
+            conn.execute(statement, (policy_id,))
     (version,) = rows(db, "SELECT limit_amount, change_reason FROM policy_versions")
     assert (version["limit_amount"], version["change_reason"]) == (Decimal("100"), "budget")
 
@@ -334,16 +363,28 @@ def test_parent_cannot_be_lowered_below_a_delegated_budget(cli: Cli, db: Databas
     result = cli("policy", "update", "--policy-id", parent_policy, "--limit", "50", "--change-reason", "cut")
     assert_error(result, 1, "below the $60.00 USD daily budget", "child-agent", child_policy)
     assert written(db) == before
-    assert rows(db, "SELECT current_version FROM policies WHERE policy_id = %s", parent_policy)[0][
-        "current_version"
-    ] == 1
+    assert (
+        rows(db, "SELECT current_version FROM policies WHERE policy_id = %s", parent_policy)[0][
+            "current_version"
+        ]
+        == 1
+    )
 
     # nor can a child be raised above its parent
     result = cli("policy", "update", "--policy-id", child_policy, "--limit", "120", "--change-reason", "more")
     assert_error(result, 1, "parent-agent")
     assert written(db) == before
 
-    cli.ok("policy", "update", "--policy-id", parent_policy, "--limit", "60", "--change-reason", "cut to the child")
+    cli.ok(
+        "policy",
+        "update",
+        "--policy-id",
+        parent_policy,
+        "--limit",
+        "60",
+        "--change-reason",
+        "cut to the child",
+    )
 
 
 def test_currency_is_part_of_comparability(cli: Cli) -> None:

@@ -31,7 +31,9 @@ def written(db: Database) -> dict[str, int]:
     counts = {}
     with db.read() as conn:
         for table in ("price_entries", "audit_log"):
-            row = conn.execute(sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))).fetchone()
+            row = conn.execute(
+                sql.SQL("SELECT count(*) AS n FROM {}").format(sql.Identifier(table))
+            ).fetchone()
             assert row is not None
             counts[table] = int(row["n"])
     return counts
@@ -48,12 +50,16 @@ def assert_error(result: CliResult, code: int, *fragments: str) -> None:
 
 
 def models(cli: Cli, *extra: str) -> list[dict[str, Any]]:
-    data: dict[str, list[dict[str, Any]]] = json.loads(cli.ok("pricebook", "list", "--format", "json", *extra).stdout)
+    data: dict[str, list[dict[str, Any]]] = json.loads(
+        cli.ok("pricebook", "list", "--format", "json", *extra).stdout
+    )
     return data["models"]
 
 
 def resources(cli: Cli, *extra: str) -> list[dict[str, Any]]:
-    data: dict[str, list[dict[str, Any]]] = json.loads(cli.ok("pricebook", "list", "--format", "json", *extra).stdout)
+    data: dict[str, list[dict[str, Any]]] = json.loads(
+        cli.ok("pricebook", "list", "--format", "json", *extra).stdout
+    )
     return data["resources"]
 
 
@@ -100,7 +106,15 @@ def test_set_a_pattern_price(cli: Cli, db: Database) -> None:
 
     stored = rows(db, "SELECT * FROM price_entries ORDER BY created_at")
     assert [
-        (r["kind"], r["pattern"], r["pattern_type"], r["per_request"], r["per_unit"], r["unit"], r["currency"])
+        (
+            r["kind"],
+            r["pattern"],
+            r["pattern_type"],
+            r["per_request"],
+            r["per_unit"],
+            r["unit"],
+            r["currency"],
+        )
         for r in stored
     ] == [
         ("request", SEARCH, "glob", Decimal("0.005"), Decimal(0), None, "USD"),
@@ -114,15 +128,33 @@ def test_list_keeps_prices_exact(cli: Cli) -> None:
            "--effective-from", "2024-01-01T00:00:00Z")  # fmt: skip
     cli.ok("pricebook", "set", "--model", "tiny", "--input", "0.000001", "--output", "0.000000000003",
            "--effective-from", "2024-01-02T00:00:00Z")  # fmt: skip
-    cli.ok("pricebook", "set", "--pattern", SEARCH, "--per-request", "0.005", "--effective-from", "2024-01-03")
+    cli.ok(
+        "pricebook", "set", "--pattern", SEARCH, "--per-request", "0.005", "--effective-from", "2024-01-03"
+    )
 
     table = cli.ok("pricebook", "list").stdout
     sections = table.split("\n\n")
     model_lines = sections[0].splitlines()
     assert model_lines[0] == "Model prices (per million tokens):"
-    assert model_lines[1].split() == ["MODEL", "INPUT", "OUTPUT", "CACHED", "INPUT", "CURRENCY", "EFFECTIVE", "FROM"]
+    assert model_lines[1].split() == [
+        "MODEL",
+        "INPUT",
+        "OUTPUT",
+        "CACHED",
+        "INPUT",
+        "CURRENCY",
+        "EFFECTIVE",
+        "FROM",
+    ]
     assert model_lines[2].split() == ["gpt-4o", "2.5", "10", "1.25", "USD", "2024-01-01T00:00:00Z"]
-    assert model_lines[3].split() == ["tiny", "0.000001", "0.000000000003", "=input", "USD", "2024-01-02T00:00:00Z"]
+    assert model_lines[3].split() == [
+        "tiny",
+        "0.000001",
+        "0.000000000003",
+        "=input",
+        "USD",
+        "2024-01-02T00:00:00Z",
+    ]
     resource_lines = sections[1].splitlines()
     assert resource_lines[0] == "Resource prices:"
     assert resource_lines[2].split() == [SEARCH, "glob", "0.005", "0", "-", "USD", "2024-01-03T00:00:00Z"]
@@ -191,7 +223,16 @@ def test_duplicate_version_is_refused(cli: Cli, db: Database) -> None:
     same = cli("pricebook", "set", "--model", "gpt-4o", "--input", "3", "--output", "12",
                "--effective-from", "2024-05-13T02:00:00+02:00")  # fmt: skip
     assert_error(same, 1, "already takes effect")
-    pattern = ("pricebook", "set", "--pattern", SEARCH, "--per-request", "0.01", "--effective-from", "2024-01-01")
+    pattern = (
+        "pricebook",
+        "set",
+        "--pattern",
+        SEARCH,
+        "--per-request",
+        "0.01",
+        "--effective-from",
+        "2024-01-01",
+    )
     cli.ok(*pattern)
     assert_error(cli(*pattern), 1, "already takes effect")
     assert written(db)["price_entries"] == before["price_entries"] + 1
@@ -209,7 +250,10 @@ def test_bad_set_options_are_bad_input_and_write_nothing(cli: Cli, db: Database)
         (["--model", "m", "--input", "1", "--output", "1e999"], "too large"),
         (["--model", "m", "--input", "0.0000000000001", "--output", "1"], "more than 12 decimal places"),
         (["--model", "m", "--input", "1", "--output", "1", "--currency", "USX"], "unknown currency"),
-        (["--model", "m", "--input", "1", "--output", "1", "--effective-from", "soon"], "invalid effective-from"),
+        (
+            ["--model", "m", "--input", "1", "--output", "1", "--effective-from", "soon"],
+            "invalid effective-from",
+        ),
         (["--pattern", SEARCH], "needs --per-request and/or --per-unit"),
         (["--pattern", "https://x/[a", "--per-request", "1"], "unterminated"),
         (["--pattern", SEARCH, "--per-request", "1", "--pattern-type", "wild"], "unknown pattern type"),
@@ -250,9 +294,7 @@ def test_import_yaml_keeps_unquoted_decimals_exact(cli: Cli, db: Database, tmp_p
     result = cli.ok("pricebook", "import", path, actor="pricing@example.com")
     assert result.stdout.strip() == f"Imported 4 prices from {path}."
 
-    stored = {
-        r["model"] or r["pattern"]: r for r in rows(db, "SELECT * FROM price_entries")
-    }
+    stored = {r["model"] or r["pattern"]: r for r in rows(db, "SELECT * FROM price_entries")}
     mini = stored["gpt-4o-mini"]
     assert (mini["input_per_mtok"], mini["output_per_mtok"], mini["cached_input_per_mtok"]) == (
         Decimal("0.15"),
@@ -309,7 +351,10 @@ def test_import_json_and_csv(cli: Cli, db: Database, tmp_path: Path) -> None:
     assert cli.ok("pricebook", "import", csv_path).stdout.strip() == f"Imported 2 prices from {csv_path}."
 
     stored = {r["model"] or r["pattern"]: r for r in rows(db, "SELECT * FROM price_entries")}
-    assert (stored["claude-3-5-sonnet"]["input_per_mtok"], stored["claude-3-5-sonnet"]["output_per_mtok"]) == (
+    assert (
+        stored["claude-3-5-sonnet"]["input_per_mtok"],
+        stored["claude-3-5-sonnet"]["output_per_mtok"],
+    ) == (
         Decimal("3"),
         Decimal("15.1"),
     )
@@ -348,7 +393,9 @@ def test_import_with_one_bad_record_writes_nothing(cli: Cli, db: Database, tmp_p
     for bad, message in BAD_RECORDS:
         write(path, "prices:\n" + GOOD + bad + GOOD.replace("good-model", "other-model"))
         assert_error(cli("pricebook", "import", str(path)), 2, "record 2:", message)
-    json_path = write(tmp_path / "prices.json", '[{"model": "a", "input": "1", "output": "2"}, {"model": "b"}]')
+    json_path = write(
+        tmp_path / "prices.json", '[{"model": "a", "input": "1", "output": "2"}, {"model": "b"}]'
+    )
     assert_error(cli("pricebook", "import", json_path), 2, "record 2:", "missing 'input'")
     csv_path = write(tmp_path / "prices.csv", "model,input,output\na,1,2\nb,1,x\n")
     assert_error(cli("pricebook", "import", csv_path), 2, "record 2:", "is not a number")
@@ -372,7 +419,12 @@ def test_import_is_all_or_nothing_in_the_database(cli: Cli, db: Database, tmp_pa
 
 def test_unreadable_import_files_are_bad_input(cli: Cli, db: Database, tmp_path: Path) -> None:
     not_yaml = write(tmp_path / "broken.yaml", "prices: [unclosed\n")
-    assert_error(cli("pricebook", "import", not_yaml), 2, "is not valid yaml")
+    assert_error(cli("pricebook", "import", not_yaml), 2, "is not valid yaml", "at line 2, column 1")
+    control = write(tmp_path / "control.yaml", "- model: a\x07\n")
+    assert_error(cli("pricebook", "import", control), 2, "is not valid yaml", "unacceptable character")
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("- model: caf\u00e9\n".encode("latin-1"))
+    assert_error(cli("pricebook", "import", str(latin)), 2, "is not UTF-8 text")
     not_json = write(tmp_path / "broken.json", "{")
     assert_error(cli("pricebook", "import", not_json), 2, "is not valid json")
     not_a_list = write(tmp_path / "scalar.yaml", "just text\n")
