@@ -6,12 +6,14 @@ Exit codes: 0 success, 1 the operation failed (not found, conflict), 2 bad input
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import typer
+from typer._click.exceptions import UsageError  # typer bundles click; its usage error is not re-exported
 from typer.core import TyperGroup
 
 from caracal_ops.cli.context import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNAVAILABLE, CliState, fail
@@ -38,6 +40,10 @@ class CaracalGroup(TyperGroup):
             raise fail(
                 f"database error: {(exc.diag.message_primary or str(exc)).strip()}", EXIT_FAILED
             ) from None
+        except UsageError as exc:
+            # one line, like every other error; the full usage is one --help away
+            where = exc.ctx.command_path if exc.ctx is not None else "caracal"
+            raise fail(f"{exc.format_message()} (see '{where} --help')", EXIT_BAD_INPUT) from None
         except (typer.Exit, typer.Abort, typer.TyperException):
             raise
         except Exception as exc:
@@ -84,6 +90,8 @@ def main(
         help="Who is acting, for the audit log (default: the OS user).",
     ),
 ) -> None:
+    # the pool's own reconnection warnings would bury the one-line error a command prints
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     cli_state = CliState(config_path=config, database_url=database_url, data_dir=data_dir, actor=actor)
     ctx.obj = cli_state
     ctx.call_on_close(cli_state.close)

@@ -72,8 +72,16 @@ class Database:
                 self._replica.open(wait=True, timeout=self._replica.timeout)
         except PoolTimeout as exc:
             self.close()
-            raise StoreUnavailableError(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
+            raise StoreUnavailableError(f"cannot connect to PostgreSQL: {self._why(exc)}") from None
         return self
+
+    def _why(self, exc: PoolTimeout) -> str:
+        """The pool only says it timed out; one direct attempt tells the operator why."""
+        try:
+            psycopg.connect(self.url, connect_timeout=2).close()
+        except psycopg.Error as direct:
+            return _describe(direct)
+        return _describe(exc)
 
     def close(self) -> None:
         self._primary.close()

@@ -78,6 +78,12 @@ def test_help_never_starts_a_server(tmp_path: Path) -> None:
     assert not (tmp_path / "pgdata").exists()
 
 
+def test_usage_errors_are_one_line_too(home: Path) -> None:
+    result = _run(home, "caracal", "policy", "create", "--agent-id", "x", check=False)
+    assert result.returncode == 2
+    assert result.stderr == "Error: Missing option '--limit'. (see 'caracal policy create --help')\n"
+
+
 def test_bad_input_exits_cleanly_without_a_traceback(home: Path) -> None:
     result = _run(home, "caracal", "agent", "get", "--agent-id", "not-a-uuid", check=False)
     assert result.returncode == 2
