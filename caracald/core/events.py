@@ -146,7 +146,7 @@ def decode(payload: bytes) -> MeteringEvent:
             deny_reason=body.get("deny_reason"),
             extra=dict(body.get("extra") or {}),
         )
-    except (KeyError, ValueError, TypeError, ArithmeticError, CaracalError) as exc:
+    except (KeyError, ValueError, TypeError, AttributeError, ArithmeticError, CaracalError) as exc:
         raise EventDecodeError(f"malformed metering event: {exc!r}") from None
     if event.occurred_at.tzinfo is None:
         raise EventDecodeError("occurred_at has no time zone")

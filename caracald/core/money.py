@@ -115,7 +115,10 @@ class Money:
         currency = check_currency(self.currency)
         if not self.amount.is_finite():
             raise ValidationError("amount must be finite")
-        scaled = self.amount.quantize(_exponent(ledger_scale(currency)), rounding=ROUND_CEILING)
+        try:
+            scaled = self.amount.quantize(_exponent(ledger_scale(currency)), rounding=ROUND_CEILING)
+        except InvalidOperation:  # more digits than the decimal context holds
+            raise ValidationError(f"amount {self.amount} {currency} is too large") from None
         object.__setattr__(self, "currency", currency)
         object.__setattr__(self, "amount", scaled)
 

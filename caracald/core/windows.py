@@ -52,7 +52,7 @@ def nominal_length(window: TimeWindow) -> timedelta:
 
     Hourly is 1 hour, daily 24 hours, weekly 7 days and monthly a flat 30 days.
     """
-    return _NOMINAL_LENGTHS[TimeWindow(window)]
+    return _NOMINAL_LENGTHS[_choice(TimeWindow, window, "window")]
 
 
 def _choice(kind: type[_E], value: object, what: str) -> _E:
@@ -112,7 +112,10 @@ def _require_aware(ts: datetime, what: str) -> datetime:
         raise ValidationError(f"{what} must be a datetime, got {type(ts).__name__}")
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise ValidationError(f"{what} {ts.isoformat()} has no time zone: give it in UTC")
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:
+        raise ValidationError(f"{what} {ts.isoformat()} is outside the supported range") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +191,7 @@ def _first_instant_from(tz: ZoneInfo, wall: datetime) -> datetime:
     other = wall.replace(tzinfo=tz, fold=1).astimezone(UTC)
     lo, hi = min(earlier, other), max(earlier, other)
     if _wall(tz, lo) >= wall or _wall(tz, hi) < wall:
-        # Not a single simple gap; fall back to the earlier reading, which is still monotone in wall.
+        # Not one simple gap: no zone in the tz database does this at a midnight. Stay deterministic.
         return lo
     return _first_true(lo, hi, lambda instant: _wall(tz, instant) >= wall)
 
