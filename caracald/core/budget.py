@@ -22,10 +22,17 @@ Where spend is counted
       its whole span has left the window, so rounding can only over-count, never let spend slip
       under a limit. That is at most ``length / bucket + 1`` buckets: 61, 25, 169 or 721.
 
+      Summing 721 fields per admission would be slow, so a counter also keeps *blocks*: field
+      ``c<k>`` is the sum of the ``ROLLING_BLOCK_BUCKETS`` buckets ``k * n .. k * n + n - 1`` (10
+      minutes for hourly windows, 6 hours for daily, a day for weekly and monthly). Every charge
+      goes to its bucket and its block; a window reads whole blocks where it covers them and single
+      buckets at its two ragged ends (``rolling_sum_fields``): at most 23, 13, 52 or 76 fields.
+
     Every counter also has ``held`` (the sum of its holds in flight) and ``holds`` (their number).
     Holds are not bucketed: a hold counts against a rolling window until it is settled or expired,
-    whatever its age (again the safe direction). Settlement and expiry charge the field chosen at
-    reservation time, so spend belongs to the window in which it was admitted.
+    whatever its age (again the safe direction). Settlement and expiry charge the fields chosen at
+    reservation time (``CounterRef.charge_fields``), so spend belongs to the window in which it was
+    admitted.
 
     ``spend_slot(spec, at)`` names the counter and field of an instant in one string (the calendar
     window key, or ``<window>@rolling/<seconds>s:<bucket>``): the ledger groups its totals by it to
@@ -69,6 +76,14 @@ ROLLING_BUCKET_SECONDS: Final[dict[TimeWindow, int]] = {
     TimeWindow.DAILY: 3600,
     TimeWindow.WEEKLY: 3600,
     TimeWindow.MONTHLY: 3600,
+}
+
+#: Rolling buckets per block (see the module doc).
+ROLLING_BLOCK_BUCKETS: Final[dict[TimeWindow, int]] = {
+    TimeWindow.HOURLY: 10,
+    TimeWindow.DAILY: 6,
+    TimeWindow.WEEKLY: 24,
+    TimeWindow.MONTHLY: 24,
 }
 
 #: How long a decision (admitted, denied, settled, expired) is remembered for idempotent replays and
@@ -172,12 +187,48 @@ def rolling_buckets(spec: WindowSpec, at: datetime) -> range:
     return range((micros - length + 1) // size, micros // size + 1)
 
 
+def block_buckets(window: TimeWindow) -> int:
+    return ROLLING_BLOCK_BUCKETS[TimeWindow(window)]
+
+
+def block_field(bucket: int, per_block: int) -> str:
+    """The field of the block holding ``bucket``."""
+    return f"c{bucket // per_block}"
+
+
+def rolling_sum_fields(buckets: range, per_block: int) -> list[str]:
+    """The fields whose sum is the spend in ``buckets``: whole blocks inside the range, and the
+    single buckets at its ends. (The Redis admission script computes the same list.)"""
+    if not buckets:
+        return []
+    first, last = buckets.start, buckets[-1]
+    first_block = -(-first // per_block)  # the first block starting at or after `first`
+    end_block = (last + 1) // per_block  # blocks before this one end at or before `last`
+    if first_block >= end_block:
+        return [str(index) for index in buckets]
+    return [
+        *(str(index) for index in range(first, first_block * per_block)),
+        *(f"c{block}" for block in range(first_block, end_block)),
+        *(str(index) for index in range(end_block * per_block, last + 1)),
+    ]
+
+
 def rolling_prune_rule(buckets: range) -> tuple[int, int]:
     """``(below, threshold)``: once a rolling counter has more than ``threshold`` fields, drop the
-    buckets below ``below``. That is a whole window older than the oldest one read, so clock skew
-    between gateways cannot drop a bucket another one still reads, and pruning runs about once per
-    window length."""
+    buckets below ``below`` (and the blocks that end below it). That is a whole window older than
+    the oldest bucket read, so clock skew between gateways cannot drop what another one still reads,
+    and pruning runs about once per window length."""
     return buckets.start - len(buckets), 3 * len(buckets) + 8
+
+
+def prunable(name: str, below: int, per_block: int) -> bool:
+    """Whether a rolling counter's field ``name`` lies wholly before bucket ``below``."""
+    try:
+        if name.startswith("c"):
+            return (int(name[1:]) + 1) * per_block <= below
+        return int(name) < below
+    except ValueError:  # held, holds
+        return False
 
 
 # -- counters ---------------------------------------------------------------------------------------
@@ -191,7 +242,7 @@ class CounterRef:
     window: TimeWindow
     #: The counter: the calendar window key, or ``<window>@rolling``.
     counter_id: str
-    #: The field that settled spend at this instant goes to: ``settled`` or a rolling bucket index.
+    #: The field naming where spend at this instant goes: ``settled`` or a rolling bucket index.
     settle_field: str
     #: Rolling windows: the bucket fields to sum for settled spend at this instant.
     buckets: range | None
@@ -212,10 +263,18 @@ class CounterRef:
         return f"{self.counter_id}/{bucket_seconds(self.window)}s:{self.settle_field}"
 
     @property
-    def settled_fields(self) -> tuple[str, ...]:
+    def charge_fields(self) -> tuple[str, ...]:
+        """Every field a charge at this instant adds to: ``settled``, or a bucket and its block."""
         if self.buckets is None:
             return (SETTLED_FIELD,)
-        return tuple(str(index) for index in self.buckets)
+        return (self.settle_field, block_field(int(self.settle_field), block_buckets(self.window)))
+
+    @property
+    def settled_fields(self) -> tuple[str, ...]:
+        """The fields to sum for the settled spend of the window at this instant."""
+        if self.buckets is None:
+            return (SETTLED_FIELD,)
+        return tuple(rolling_sum_fields(self.buckets, block_buckets(self.window)))
 
 
 _CALENDAR_CACHE_SIZE: Final = 4096
@@ -262,8 +321,11 @@ def spend_slot(spec: WindowSpec, at: datetime) -> str:
 @dataclass(frozen=True, slots=True)
 class SlotRef:
     counter_id: str
+    #: ``settled``, or the rolling bucket's index.
     field: str
     needed_until: datetime
+    #: Rolling windows: buckets per block (the block's field sums the bucket with its neighbours).
+    per_block: int | None = None
 
 
 def parse_slot(slot: str) -> SlotRef:
@@ -279,7 +341,7 @@ def parse_slot(slot: str) -> SlotRef:
             if not colon or size != f"{bucket_seconds(window)}s":
                 raise ValueError(slot)
             needed = bucket_span(window, index).end + nominal_length(window)
-            return SlotRef(f"{window}{_ROLLING_MARK}", str(index), needed)
+            return SlotRef(f"{window}{_ROLLING_MARK}", str(index), needed, block_buckets(window))
         zone, colon, start_text = rest.partition(":")
         if not colon:
             raise ValueError(slot)
@@ -320,24 +382,25 @@ def plan_checks(
 
     Raises ``CurrencyMismatchError`` when a scope's limit is in another currency than the amount,
     ``ValidationError`` for a negative amount and ``AmountOutOfRangeError`` beyond the exact range.
-    Scopes landing on the same counter are checked once (the first one reports a denial).
+    Scopes landing on the same counter are checked once, against the smaller limit if they differ.
     """
     units = to_units(amount)
     if units < 0:
         raise ValidationError(f"cannot hold a negative amount ({amount.format(exact=True)})")
-    checks: list[ScopeCheck] = []
-    seen: set[tuple[uuid.UUID, str]] = set()
+    checks: dict[tuple[uuid.UUID, str], ScopeCheck] = {}
     for index, (policy_id, limit, spec) in enumerate(scopes):
         if limit.currency != amount.currency:
             raise CurrencyMismatchError(
                 f"policy {policy_id} budgets in {limit.currency}; cannot weigh an amount in {amount.currency}"
             )
         ref = counter_ref(policy_id, spec, at)
-        if (policy_id, ref.counter_id) in seen:
-            continue
-        seen.add((policy_id, ref.counter_id))
-        checks.append(ScopeCheck(ref, to_units(limit), index))
-    return units, checks
+        check = ScopeCheck(ref, to_units(limit), index)
+        known = checks.get((policy_id, ref.counter_id))
+        if known is None or check.limit < known.limit:
+            checks[(policy_id, ref.counter_id)] = (
+                check if known is None else replace(known, limit=check.limit)
+            )
+    return units, list(checks.values())
 
 
 def first_denied(used_and_limits: Iterable[tuple[int, int]], amount: int) -> int | None:
@@ -399,8 +462,8 @@ class HoldRecord:
     at: datetime
     expires_at: datetime
     state: HoldState
-    #: (counter, settle field) pairs the hold sits on.
-    refs: tuple[tuple[tuple[uuid.UUID, str], str], ...] = ()
+    #: The counters the hold sits on, each with the fields a charge adds to.
+    refs: tuple[tuple[tuple[uuid.UUID, str], tuple[str, ...]], ...] = ()
     policy_ids: tuple[uuid.UUID, ...] = ()
     denied_index: int | None = None
     denied_policy: uuid.UUID | None = None
@@ -512,7 +575,10 @@ class BudgetBook:
             if ref.buckets is not None:
                 below, threshold = rolling_prune_rule(ref.buckets)
                 if len(counter.settled) > threshold:
-                    counter.settled = {k: v for k, v in counter.settled.items() if int(k) >= below}
+                    per_block = block_buckets(ref.window)
+                    counter.settled = {
+                        k: v for k, v in counter.settled.items() if not prunable(k, below, per_block)
+                    }
         self._records[request_id] = HoldRecord(
             request_id,
             agent_id,
@@ -521,7 +587,7 @@ class BudgetBook:
             at,
             expires,
             HoldState.HELD,
-            refs=tuple(((c.ref.policy_id, c.ref.counter_id), c.ref.settle_field) for c in checks),
+            refs=tuple(((c.ref.policy_id, c.ref.counter_id), c.ref.charge_fields) for c in checks),
             policy_ids=tuple(c.ref.policy_id for c in checks),
         )
         heapq.heappush(self._expiries, (expires, request_id))
@@ -546,14 +612,14 @@ class BudgetBook:
         if actual < 0 or actual > MAX_SAFE_UNITS:
             raise AmountOutOfRangeError(f"settlement of {actual} units is outside 0..{MAX_SAFE_UNITS}")
         correction = None
-        for key, settle_field in record.refs:
+        charge = actual if record.state is HoldState.HELD else actual - record.amount
+        for key, fields in record.refs:
             counter = self._counter_for(key, now)
             if record.state is HoldState.HELD:
                 counter.held -= record.amount
                 counter.holds -= 1
-                counter.settled[settle_field] = counter.settled.get(settle_field, 0) + actual
-            else:
-                counter.settled[settle_field] = counter.settled.get(settle_field, 0) + actual - record.amount
+            for name in fields:
+                counter.settled[name] = counter.settled.get(name, 0) + charge
         if record.state is HoldState.HELD:
             self._in_flight -= 1
         else:
@@ -573,11 +639,12 @@ class BudgetBook:
             record = self._records.get(request_id)
             if record is None or record.state is not HoldState.HELD:
                 continue
-            for key, settle_field in record.refs:
+            for key, fields in record.refs:
                 counter = self._counter_for(key, now)
                 counter.held -= record.amount
                 counter.holds -= 1
-                counter.settled[settle_field] = counter.settled.get(settle_field, 0) + record.amount
+                for name in fields:
+                    counter.settled[name] = counter.settled.get(name, 0) + record.amount
             record.state = HoldState.EXPIRED
             record.forget_at = now + self.decision_ttl
             self._in_flight -= 1
@@ -591,6 +658,10 @@ class BudgetBook:
         where = parse_slot(slot)
         counter = self._counters.setdefault((policy_id, where.counter_id), _Counter())
         counter.settled[where.field] = units
+        if where.per_block is not None:  # its block is the sum of its buckets
+            block = int(where.field) // where.per_block
+            buckets = range(block * where.per_block, (block + 1) * where.per_block)
+            counter.settled[f"c{block}"] = sum(counter.settled.get(str(index), 0) for index in buckets)
         counter.keep_until = max(counter.keep_until, counter_keep_until(where.needed_until, now))
 
     def _counter_for(self, key: tuple[uuid.UUID, str], now: datetime) -> _Counter:

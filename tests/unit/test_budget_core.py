@@ -15,11 +15,13 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from caracald.core.budget import (
     MAX_SAFE_UNITS,
+    ROLLING_BLOCK_BUCKETS,
     ROLLING_BUCKET_SECONDS,
     SETTLED_FIELD,
     AdmitOutcome,
     AmountOutOfRangeError,
     BudgetBook,
+    CounterRef,
     HoldState,
     bucket_index,
     bucket_span,
@@ -31,8 +33,10 @@ from caracald.core.budget import (
     max_safe_amount,
     parse_slot,
     plan_checks,
+    prunable,
     rolling_buckets,
     rolling_prune_rule,
+    rolling_sum_fields,
     spend_slot,
     to_units,
 )
@@ -162,6 +166,41 @@ def test_rolling_granularity() -> None:
     assert below == 39 and threshold == 3 * 61 + 8
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.integers(min_value=-(10**7), max_value=10**7), st.integers(min_value=0, max_value=800), windows)
+def test_rolling_sum_fields_cover_each_bucket_once(first: int, count: int, window: TimeWindow) -> None:
+    per_block = ROLLING_BLOCK_BUCKETS[window]
+    fields = rolling_sum_fields(range(first, first + count), per_block)
+    covered: list[int] = []
+    for name in fields:
+        if name.startswith("c"):
+            block = int(name[1:])
+            covered.extend(range(block * per_block, (block + 1) * per_block))
+        else:
+            covered.append(int(name))
+    assert sorted(covered) == list(range(first, first + count))
+    # whole blocks inside, single buckets only at the ragged ends
+    assert len(fields) <= count // per_block + 2 * (per_block - 1) + 1
+
+
+def test_rolling_windows_read_few_fields() -> None:
+    at = datetime(2024, 5, 1, 12, 30, tzinfo=UTC)
+    sizes = {w: len(counter_ref(uuid.UUID(int=1), rolling(w), at).settled_fields) for w in TimeWindow}
+    assert sizes[TimeWindow.HOURLY] <= 23 and sizes[TimeWindow.DAILY] <= 13
+    assert sizes[TimeWindow.WEEKLY] <= 52 and sizes[TimeWindow.MONTHLY] <= 76
+    ref = counter_ref(uuid.UUID(int=1), rolling("monthly"), at)
+    bucket = int(ref.settle_field)
+    assert ref.charge_fields == (str(bucket), f"c{bucket // 24}")
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("99", True), ("100", False), ("c9", True), ("c10", False), ("held", False), ("holds", False)],
+)
+def test_prunable_fields(name: str, expected: bool) -> None:
+    assert prunable(name, 100, 10) is expected
+
+
 @given(st.integers(min_value=-(10**15), max_value=10**15))
 def test_epoch_micros_round_trip(micros: int) -> None:
     assert epoch_micros(from_epoch_micros(micros)) == micros
@@ -276,13 +315,14 @@ def test_plan_checks_dedupes_scopes_on_one_counter() -> None:
             (policy, usd("1"), cal("daily")),
             (other, usd("2"), rolling("hourly")),
             (policy, usd("1"), cal("daily")),
+            (other, usd("1.5"), rolling("hourly")),  # the same counter: the smaller limit holds
         ],
         at,
     )
     assert units == 50_000_000
     assert [(c.ref.policy_id, c.index, c.limit) for c in checks] == [
         (policy, 0, 100_000_000),
-        (other, 1, 200_000_000),
+        (other, 1, 150_000_000),
     ]
 
 
@@ -422,11 +462,14 @@ class ModelHold:
 class Model:
     holds: dict[uuid.UUID, ModelHold] = field(default_factory=dict)
 
-    def settled(self, policy: uuid.UUID, counter: str, fields: tuple[str, ...]) -> int:
+    def settled(self, ref: CounterRef) -> int:
+        """Spend charged to the window of ``ref``: its calendar window, or its rolling buckets."""
         total = 0
         for hold in self.holds.values():
             for p, c, f in hold.refs:
-                if p == policy and c == counter and f in fields:
+                if p != ref.policy_id or c != ref.counter_id:
+                    continue
+                if f == SETTLED_FIELD if ref.buckets is None else int(f) in ref.buckets:
                     if hold.state == "expired":
                         total += hold.amount
                     elif hold.state == "settled":
@@ -472,7 +515,7 @@ class BookMachine(RuleBasedStateMachine):
         expected_denied = None
         for check in checks:
             ref = check.ref
-            used = self.model.settled(ref.policy_id, ref.counter_id, ref.settled_fields)
+            used = self.model.settled(ref)
             used += self.model.held(ref.policy_id, ref.counter_id)[0]
             if used + units > check.limit:
                 expected_denied = check.index
@@ -558,7 +601,7 @@ class BookMachine(RuleBasedStateMachine):
         for policy_id, spec, limit in POLICIES:
             ref = counter_ref(policy_id, spec, self.now)
             usage = self.book.usage(ref)
-            assert usage.settled == self.model.settled(policy_id, ref.counter_id, ref.settled_fields)
+            assert usage.settled == self.model.settled(ref)
             assert (usage.held, usage.holds) == self.model.held(policy_id, ref.counter_id)
             # invariant 1: settled + held never exceed the limit in the window
             assert usage.settled + usage.held <= limit * CENT
