@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
 from confluent_kafka.cimpl import NewTopic
 
@@ -97,7 +98,10 @@ def list_brokers(config: KafkaConfig) -> list[BrokerInfo]:
     except KafkaException as exc:
         raise _unavailable(exc) from None
     return sorted(
-        (BrokerInfo(b.id, b.host, b.port, b.id == metadata.controller_id) for b in metadata.brokers.values()),
+        (
+            BrokerInfo(b.id, b.host or "", b.port, b.id == metadata.controller_id)
+            for b in metadata.brokers.values()
+        ),
         key=lambda b: b.broker_id,
     )
 

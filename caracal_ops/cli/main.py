@@ -102,6 +102,7 @@ def _register() -> None:
         agent,
         allowlist,
         audit,
+        budget,
         config_cmd,
         db,
         kafka,
@@ -115,6 +116,7 @@ def _register() -> None:
     app.add_typer(allowlist.app, name="allowlist")
     app.add_typer(pricebook.app, name="pricebook")
     app.add_typer(ledger.app, name="ledger")
+    app.add_typer(budget.app, name="budget")
     app.add_typer(audit.app, name="audit")
     app.add_typer(db.app, name="db")
     app.add_typer(kafka.app, name="kafka")

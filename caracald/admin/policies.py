@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import cast
 from dataclasses import replace
+from typing import cast
 
 from caracald.admin.common import audit, now, require_active_agent, require_agent
 from caracald.core.audit import AuditEventType

@@ -1,0 +1,137 @@
+"""``caracal budget``: status from the ledger (embedded) or from Redis, and rebuilding Redis from the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from caracald.admin import budget as budget_admin
+from caracald.budget.base import AdmissionRequest
+from caracald.budget.redis_backend import RedisBudget
+from caracald.core.ledger import LedgerEvent, LedgerEventType
+from caracald.core.money import Money
+from caracald.store import ledger as ledger_store
+from caracald.store.database import Database
+from tests.harness.redis_server import RedisService
+from tests.integration.conftest import Cli
+
+
+def _agent(cli: Cli, name: str, parent: str | None = None) -> str:
+    args = ["agent", "create", "--name", name, "--owner", "o@example.com", "-o", "json"]
+    if parent:
+        args += ["--parent-id", parent]
+    return str(json.loads(cli.ok(*args).stdout)["agent_id"])
+
+
+def _policy(cli: Cli, agent: str, limit: str, window: str = "daily", kind: str = "calendar") -> str:
+    out = cli.ok(
+        "policy",
+        "create",
+        "--agent-id",
+        agent,
+        "--limit",
+        limit,
+        "--time-window",
+        window,
+        "--window-type",
+        kind,
+        "--change-reason",
+        "test",
+        "-o",
+        "json",
+    )
+    return str(json.loads(out.stdout)["policy_id"])
+
+
+def _charge(
+    db: Database,
+    agent: str,
+    amount: str,
+    at: datetime,
+    kind: LedgerEventType = LedgerEventType.SETTLEMENT,
+    request: uuid.UUID | None = None,
+    hold: str | None = None,
+) -> None:
+    event = LedgerEvent(
+        uuid.uuid4(),
+        kind,
+        uuid.UUID(agent),
+        at,
+        Money(Decimal(amount), "USD"),
+        request_id=request or uuid.uuid4(),
+        metadata={"hold": hold} if hold else {},
+    )
+    with db.transaction() as conn:
+        ledger_store.insert_events(conn, [event])
+
+
+def test_status_counts_the_whole_delegation_subtree(cli: Cli, db: Database) -> None:
+    parent = _agent(cli, "parent")
+    child = _agent(cli, "child", parent)
+    parent_policy = _policy(cli, parent, "100")
+    child_policy = _policy(cli, child, "10")
+    now = datetime.now(UTC)
+    _charge(db, child, "2.50", now - timedelta(seconds=1))
+    _charge(db, parent, "1.00", now - timedelta(seconds=1))
+    _charge(db, child, "0", now, LedgerEventType.RESERVATION, hold="0.75")
+    data = json.loads(cli.ok("budget", "status", "--agent-id", child, "-o", "json").stdout)
+    assert data["source"] == "ledger"
+    by_policy = {p["policy_id"]: p for p in data["policies"]}
+    assert set(by_policy) == {parent_policy, child_policy}
+    assert by_policy[child_policy]["settled"] == "2.50"
+    assert by_policy[child_policy]["held"] == "0.75"
+    assert by_policy[child_policy]["remaining"] == "6.75"
+    assert by_policy[parent_policy]["settled"] == "3.50"  # the parent's budget carries its child's spend
+    table = cli.ok("budget", "status", "--agent-id", child)
+    assert "parent" in table.stdout and "$6.75 USD" in table.stdout
+
+
+def test_status_without_policies_says_calls_will_be_refused(cli: Cli) -> None:
+    agent = _agent(cli, "unbudgeted")
+    assert "will refuse" in cli.ok("budget", "status", "--agent-id", agent).stdout
+
+
+def test_rebuild_restores_redis_counters_from_the_ledger(
+    cli: Cli, db: Database, database_url: str, redis_service: RedisService
+) -> None:
+    agent = _agent(cli, "rebuilt")
+    _policy(cli, agent, "50", "daily")
+    _policy(cli, agent, "80", "weekly", "rolling")
+    now = datetime.now(UTC)
+    for amount in ("1.25", "2.00"):
+        _charge(db, agent, amount, now - timedelta(minutes=1))
+    _charge(db, agent, "40", now - timedelta(days=9))  # outside both windows
+    env = {"CARACAL__BUDGET__BACKEND": "redis", "CARACAL_REDIS_URL": redis_service.url}
+    redis_cli = Cli(database_url, env=env)
+    assert "Rebuilt" in redis_cli.ok("budget", "rebuild").stdout
+    statuses = json.loads(redis_cli.ok("budget", "status", "--agent-id", agent, "-o", "json").stdout)
+    assert statuses["source"] == "redis"
+    assert sorted(p["settled"] for p in statuses["policies"]) == ["3.25", "3.25"]
+
+    scopes = budget_admin.scopes_for(db, uuid.UUID(agent))
+
+    async def check_admission() -> None:
+        budget = RedisBudget.from_url(redis_service.url)
+        try:
+            request = AdmissionRequest(
+                uuid.uuid4(),
+                uuid.UUID(agent),
+                tuple(scopes),
+                Money(Decimal("46.76"), "USD"),
+                datetime.now(UTC),
+                timedelta(minutes=5),
+            )
+            assert not (await budget.admit(request)).admitted  # 3.25 + 46.76 > 50
+        finally:
+            await budget.close()
+
+    asyncio.run(check_admission())
+
+
+def test_status_errors(cli: Cli) -> None:
+    assert cli("budget", "status", "--agent-id", "nope").exit_code == 2
+    missing = cli("budget", "status", "--agent-id", str(uuid.uuid4()))
+    assert missing.exit_code == 1 and "not found" in missing.stderr
