@@ -103,7 +103,10 @@ def stop(data_dir: Path) -> bool:
     with FileLock(str(data_dir / ".start.lock"), timeout=120):
         subprocess.run(
             [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(pgdata), "-w", "-m", "fast", "stop"],
-            check=True, capture_output=True, timeout=60, user=user,
+            check=True,
+            capture_output=True,
+            timeout=60,
+            user=user,
         )
         PostgresServer._instances.pop(pgdata, None)
     return True

@@ -19,12 +19,19 @@ def test_config_show_redacts_secrets_and_names_its_source(tmp_path: Path) -> Non
         "gateway:\n  upstreams:\n    openai:\n      base_url: https://api.openai.com\n      api_key: sk-live-123\n"
     )
     runner = CliRunner()
-    shown = runner.invoke(app, ["--config", str(config), "config", "show"], env={"CARACAL__DATABASE__MAX_OVERFLOW": "7"})
+    shown = runner.invoke(
+        app, ["--config", str(config), "config", "show"], env={"CARACAL__DATABASE__MAX_OVERFLOW": "7"}
+    )
     assert shown.exit_code == 0, shown.output
     assert "hunter2" not in shown.stdout and "sk-live-123" not in shown.stdout
     assert shown.stdout.startswith(f"# source: {config}")
-    data = json.loads(runner.invoke(app, ["--config", str(config), "config", "show", "-o", "json"],
-                                    env={"CARACAL__DATABASE__MAX_OVERFLOW": "7"}).stdout)
+    data = json.loads(
+        runner.invoke(
+            app,
+            ["--config", str(config), "config", "show", "-o", "json"],
+            env={"CARACAL__DATABASE__MAX_OVERFLOW": "7"},
+        ).stdout
+    )
     assert data["database"]["url"] == "********"
     assert data["database"]["pool_size"] == 50
     assert data["database"]["max_overflow"] == 7
