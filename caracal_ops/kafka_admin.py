@@ -6,10 +6,11 @@ offset, the partition's log end offset (high watermark) and their difference.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
@@ -20,6 +21,10 @@ from caracald.core.events import AUDIT_TOPIC, DLQ_TOPIC, METERING_TOPIC
 from caracald.runtime.config import KafkaConfig
 
 CARACAL_TOPICS = (METERING_TOPIC, AUDIT_TOPIC, DLQ_TOPIC)
+#: Errors of a partition whose leadership is still settling (a topic created a moment ago).
+_SETTLING = frozenset(
+    {KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE, KafkaError.UNKNOWN_TOPIC_OR_PART}
+)
 _TIMEOUT = 10.0
 
 
@@ -126,14 +131,25 @@ def _watermarks(
         }
     )
     try:
-        return {
-            (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)
-            for tp in partitions
-        }
-    except KafkaException as exc:
-        raise _unavailable(exc) from None
+        return {(tp.topic, tp.partition): _watermark(consumer, tp) for tp in partitions}
     finally:
         consumer.close()
+
+
+def _watermark(consumer: Consumer, tp: TopicPartition, attempts: int = 8) -> tuple[int, int]:
+    """A partition's (low, high) offsets, retrying the transient errors of a topic that just changed
+    (its leader not elected or not yet known to every broker)."""
+    for attempt in range(attempts):
+        try:
+            low, high = consumer.get_watermark_offsets(tp, timeout=_TIMEOUT, cached=False)
+            return int(low), int(high)
+        except KafkaException as exc:
+            error = exc.args[0]
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in _SETTLING)
+            if attempt + 1 == attempts or not transient:
+                raise _unavailable(exc) from None
+            time.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def describe_topic(config: KafkaConfig, topic: str) -> TopicInfo:
