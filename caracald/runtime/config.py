@@ -123,6 +123,8 @@ class GatewayConfig(_Section):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     upstream_timeout_seconds: float = Field(default=600, gt=0)
     hold_ttl_seconds: int = Field(default=900, ge=10)
+    #: The output limit the gateway sets on an LLM call that gives none (clamped to what the budget affords).
+    default_max_output_tokens: int = Field(default=4096, ge=1)
     #: How long cached agents, policies, allowlists and prices may serve while PostgreSQL is down.
     cache_max_staleness_seconds: int = Field(default=300, ge=1)
     cache_refresh_seconds: float = Field(default=5, gt=0)
@@ -141,6 +143,59 @@ class BusConfig(_Section):
     spool_dir: Path | None = None
 
 
+class IntegrityConfig(_Section):
+    """Sealing the ledger into signed Merkle batches (caracald.integrity)."""
+
+    #: Signing keys: ``<data dir>/keys`` when embedded, ``/etc/caracal/keys`` otherwise.
+    key_dir: Path | None = None
+    #: Events per batch; a batch also closes when its oldest event waited ``batch_max_age_seconds``.
+    batch_size: int = Field(default=1000, ge=1, le=1_000_000)
+    batch_max_age_seconds: float = Field(default=300, gt=0)
+    key_algorithm: Literal["ed25519", "ecdsa-p256"] = "ed25519"
+
+    def resolved_key_dir(self, *, embedded: bool, data_dir: Path) -> Path:
+        if self.key_dir is not None:
+            return self.key_dir.expanduser()
+        return data_dir / "keys" if embedded else Path("/etc/caracal/keys")
+
+
+class PlatformConfig(_Section):
+    """Where the daemons run, for ``caracal services`` and the procedures that stop and start them.
+
+    ``local``: Caracal's own supervisor on this machine (pid files and logs under the data folder, one replica
+    per component); ``systemd``: the ``caracal-<component>.service`` units; ``kubernetes``: the
+    ``caracal-<component>`` deployments in ``namespace`` (through ``kubectl``, with ``kubectl_context``).
+    """
+
+    kind: Literal["local", "systemd", "kubernetes"] = "local"
+    namespace: str = "caracal"
+    kubectl_context: str | None = None
+    #: Longest wait for one ``systemctl`` or ``kubectl`` call.
+    command_timeout_seconds: float = Field(default=60, gt=0)
+    #: Longest wait for a component to stop or roll out (pods gone, rollout complete).
+    wait_timeout_seconds: float = Field(default=300, gt=0)
+    #: local: seconds between SIGTERM and SIGKILL when stopping a component.
+    stop_timeout_seconds: float = Field(default=30, gt=0)
+    #: local: a component's command instead of ``caracald <component>`` (a wrapper script, tests).
+    commands: dict[str, list[str]] = Field(default_factory=dict)
+
+
+class BackupConfig(_Section):
+    """``caracal backup``: where backups live and how long ``backup prune`` keeps them."""
+
+    #: Default: ``<data dir>/backups`` when embedded, ``/var/backups/caracal`` otherwise.
+    dir: Path | None = None
+    keep_days: int = Field(default=30, ge=1)
+    #: Folder holding pg_dump and pg_restore; default: the embedded PostgreSQL's (version 18, which can dump
+    #: and restore older servers too).
+    pg_bin_dir: Path | None = None
+
+    def resolved_dir(self, *, embedded: bool, data_dir: Path) -> Path:
+        if self.dir is not None:
+            return self.dir.expanduser()
+        return data_dir.expanduser() / "backups" if embedded else Path("/var/backups/caracal")
+
+
 class CaracalConfig(_Section):
     database: DatabaseConfig = DatabaseConfig()
     embedded: EmbeddedConfig = EmbeddedConfig()
@@ -149,6 +204,9 @@ class CaracalConfig(_Section):
     gateway: GatewayConfig = GatewayConfig()
     budget: BudgetConfig = BudgetConfig()
     bus: BusConfig = BusConfig()
+    integrity: IntegrityConfig = IntegrityConfig()
+    platform: PlatformConfig = PlatformConfig()
+    backup: BackupConfig = BackupConfig()
     #: Where the settings came from (a file path, or "defaults"); shown by ``config show``.
     source: str = Field(default="defaults", exclude=True)
 

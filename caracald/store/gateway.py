@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 
 from caracald.core.agents import Agent
 from caracald.core.allowlist import PatternType
@@ -74,3 +75,33 @@ def set_switch(conn: Connection, name: str, enabled: bool, *, reason: str, actor
         """,
         (name, enabled, reason, actor, now),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class ChargedEvent:
+    occurred_at: datetime
+    cost: Decimal
+    currency: str
+    policy_ids: tuple[uuid.UUID, ...]
+
+
+def charged_since(conn: Connection, since: datetime) -> list[ChargedEvent]:
+    """Every charge (settlement, expiry, adjustment) since ``since`` with the policies it counted against."""
+    rows = conn.execute(
+        """
+        SELECT occurred_at, cost, currency, metadata -> 'policy_ids' AS policy_ids
+          FROM ledger_events
+         WHERE event_type IN ('settlement', 'expiry', 'adjustment') AND occurred_at >= %s
+         ORDER BY event_id
+        """,
+        (since,),
+    ).fetchall()
+    return [
+        ChargedEvent(
+            r["occurred_at"],
+            Decimal(r["cost"]),
+            r["currency"].strip(),
+            tuple(uuid.UUID(p) for p in r["policy_ids"] or ()),
+        )
+        for r in rows
+    ]

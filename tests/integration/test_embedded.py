@@ -37,7 +37,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_up_sets_up_the_store_and_says_what_to_do_next(home: Path) -> None:
-    out = _run(home, "caracald", "up").stdout
+    out = _run(home, "caracald", "up", "--setup-only").stdout
     assert f"embedded PostgreSQL in {home}" in out
     assert "caracal agent create" in out
     assert (home / "pgdata" / "PG_VERSION").exists()

@@ -1,0 +1,149 @@
+"""The gateway application: a Starlette app built from injected dependencies.
+
+Routes: ``/openai/{path}``, ``/anthropic/{path}``, ``/u/{name}/{path}``, ``/proxy`` (target in
+``X-Caracal-Target-URL``), ``/health`` and ``/stats``; anything else is a 404 in OpenAI's error shape.
+``/metrics`` is served on ``gateway.metrics_port`` (its own server), not here.
+
+The lifespan opens the upstream session (unless one is injected), loads the cache once, and runs the
+background tasks: cache refresh, deny-all polling and hold expiry. Run one worker per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from caracald.budget.base import BudgetBackend
+from caracald.gateway.billing import Billing
+from caracald.gateway.cache import PolicyCache, SnapshotSource
+from caracald.gateway.health import HealthEndpoints
+from caracald.gateway.metrics import GatewayMetrics, MetricsServer
+from caracald.gateway.proxy import Gateway
+from caracald.gateway.sinks import EventSink
+from caracald.gateway.switches import DenyAllSwitch, SwitchSource
+from caracald.gateway.upstream import make_session
+from caracald.runtime.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class GatewayDeps:
+    config: GatewayConfig
+    snapshots: SnapshotSource
+    budget: BudgetBackend
+    sink: EventSink
+    switches: list[SwitchSource] = field(default_factory=list)
+    #: The upstream session; made (and closed) by the lifespan when None.
+    http: aiohttp.ClientSession | None = None
+    clock: Callable[[], datetime] = _utcnow
+    metrics: GatewayMetrics | None = None
+    #: Serve /metrics on ``config.metrics_port`` (host ``config.host``).
+    serve_metrics: bool = True
+    #: Seconds between hold-expiry sweeps; None: a tenth of the hold TTL, at most 5.
+    expiry_interval: float | None = None
+    #: Seconds between deny-all polls (at most 1, so a switch reaches every replica within a second).
+    switch_poll_seconds: float = 0.5
+
+
+@dataclass
+class GatewayState:
+    deps: GatewayDeps
+    cache: PolicyCache
+    switch: DenyAllSwitch
+    billing: Billing
+    metrics: GatewayMetrics
+    gateway: Gateway
+    metrics_server: MetricsServer | None = None
+    session: aiohttp.ClientSession | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+def create_app(deps: GatewayDeps) -> Starlette:
+    config = deps.config
+    metrics = deps.metrics or GatewayMetrics()
+    cache = PolicyCache(
+        deps.snapshots,
+        refresh_seconds=config.cache_refresh_seconds,
+        max_staleness_seconds=config.cache_max_staleness_seconds,
+        clock=deps.clock,
+    )
+    switch = DenyAllSwitch(deps.switches, poll_seconds=min(deps.switch_poll_seconds, 1.0))
+    billing = Billing(
+        deps.budget, deps.sink, metrics, clock=deps.clock, hold_ttl=timedelta(seconds=config.hold_ttl_seconds)
+    )
+    metrics.watch(
+        degraded=lambda: 1.0 if cache.state == "degraded" else 0.0,
+        cache_age=lambda: cache.age_seconds or 0.0,
+        deny_all=lambda: 1.0 if switch.on else 0.0,
+    )
+
+    def session() -> aiohttp.ClientSession:
+        if state.session is None:
+            raise RuntimeError("the gateway's upstream session is not open (lifespan not started)")
+        return state.session
+
+    gateway = Gateway(
+        config,
+        cache=cache,
+        switch=switch,
+        billing=billing,
+        metrics=metrics,
+        clock=deps.clock,
+        session=session,
+    )
+    state = GatewayState(deps, cache, switch, billing, metrics, gateway)
+    health = HealthEndpoints(cache, switch, billing, deps.sink)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.session = deps.http or make_session(config)
+        if deps.serve_metrics:
+            state.metrics_server = MetricsServer(metrics, config.host, config.metrics_port)
+            state.metrics_server.start()
+        await cache.refresh()
+        await switch.poll()
+        interval = deps.expiry_interval or min(5.0, config.hold_ttl_seconds / 10)
+        state.tasks = [
+            asyncio.create_task(cache.run(), name="caracal-cache-refresh"),
+            asyncio.create_task(switch.run(), name="caracal-deny-all-poll"),
+            asyncio.create_task(billing.expire_loop(interval), name="caracal-hold-expiry"),
+        ]
+        try:
+            yield
+        finally:
+            for task in state.tasks:
+                task.cancel()
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+            await billing.drain()
+            if deps.http is None and state.session is not None:
+                await state.session.close()
+            state.session = None
+            if state.metrics_server is not None:
+                state.metrics_server.stop()
+
+    routes = [
+        Route("/health", health.health, methods=["GET"]),
+        Route("/stats", health.stats, methods=["GET"]),
+        Route("/openai/{path:path}", gateway.endpoint("openai")),
+        Route("/anthropic/{path:path}", gateway.endpoint("anthropic")),
+        Route("/u/{name}/{path:path}", gateway.endpoint("named")),
+        Route("/proxy", gateway.endpoint("proxy")),
+        Route("/{path:path}", gateway.endpoint("unknown")),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.gateway = state
+    return app

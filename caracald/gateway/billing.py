@@ -1,0 +1,258 @@
+"""Holds and their settlement: the budget backend's decisions, and the metering events that record them.
+
+* ``admit`` reserves the hold on every scope at once (402 when any cannot take it, 503 when the backend is
+  unreachable) and emits the reservation event before anything is forwarded; when that event cannot be
+  delivered the hold is released and the request refused (503): no call goes out unrecorded.
+* ``settle`` replaces the hold by the actual cost and emits the settlement, or an adjustment when the hold had
+  already expired (the expiry charged the hold; the adjustment corrects it to the actual cost). A settlement
+  the backend does not take after a few tries is left to expiry, which charges the hold: the safe direction.
+* ``deny`` records a refusal of an identified agent (cost zero).
+* ``expire_loop`` charges holds past their time to live at their amount and emits expiry events.
+
+Every event of one request carries the instant of its admission as ``occurred_at``, so the ledger puts a
+settlement in the same budget window the hold was counted in (``settled_at`` travels in ``extra``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from caracald.budget.base import AdmissionRequest, BudgetBackend, Scope
+from caracald.core.agents import Agent
+from caracald.core.errors import CurrencyMismatchError
+from caracald.core.events import MeteringEvent
+from caracald.core.ledger import LedgerEventType
+from caracald.core.money import Money
+from caracald.core.pricebook import TokenUsage
+from caracald.gateway.errors import Denied
+from caracald.gateway.metrics import GatewayMetrics
+from caracald.gateway.pricing import Priced
+from caracald.gateway.sinks import EventSink
+
+log = logging.getLogger(__name__)
+
+_SETTLE_RETRIES = (0.05, 0.25, 1.0)
+
+
+@dataclass(slots=True)
+class Hold:
+    request_id: uuid.UUID
+    agent: Agent
+    scopes: tuple[Scope, ...]
+    priced: Priced
+    resource: str
+    admitted_at: datetime
+    admitted_mono: float
+    extra: dict[str, Any] = field(default_factory=dict)
+    settled: bool = False
+
+    @property
+    def policy_ids(self) -> tuple[uuid.UUID, ...]:
+        return tuple(dict.fromkeys(s.policy_id for s in self.scopes))
+
+
+class Billing:
+    def __init__(
+        self,
+        budget: BudgetBackend,
+        sink: EventSink,
+        metrics: GatewayMetrics,
+        *,
+        clock: Callable[[], datetime],
+        hold_ttl: timedelta,
+    ) -> None:
+        self.budget = budget
+        self.sink = sink
+        self.metrics = metrics
+        self.clock = clock
+        self.hold_ttl = hold_ttl
+        self.holds_in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- admission ------------------------------------------------------------------------------------
+
+    async def admit(
+        self, request_id: uuid.UUID, agent: Agent, scopes: tuple[Scope, ...], priced: Priced, resource: str
+    ) -> Hold:
+        at = self.clock()
+        started = time.perf_counter()
+        try:
+            admission = await self.budget.admit(
+                AdmissionRequest(request_id, agent.agent_id, scopes, priced.hold, at, self.hold_ttl)
+            )
+        except CurrencyMismatchError as exc:
+            raise Denied(422, "currency_mismatch", exc.message) from None
+        except Exception as exc:
+            log.error("budget admission failed for %s: %s", request_id, exc)
+            raise Denied(503, "budget_unavailable", "the budget service is unavailable") from None
+        finally:
+            self.metrics.admission_latency.observe(time.perf_counter() - started)
+        self.metrics.policy_evaluations.labels("admitted" if admission.admitted else "denied").inc()
+        if not admission.admitted:
+            scope = admission.denied_scope
+            which = f" (policy {scope.policy_id})" if scope else ""
+            raise Denied(
+                402, "budget_exhausted", f"the budget cannot take {priced.hold.format(exact=True)}{which}"
+            )
+        hold = Hold(request_id, agent, scopes, priced, resource, at, time.monotonic())
+        self.holds_in_flight += 1
+        self.metrics.holds_in_flight.set(self.holds_in_flight)
+        try:
+            await self.sink.emit(
+                self._event(hold, LedgerEventType.RESERVATION, Money.zero(priced.hold.currency))
+            )
+        except Exception as exc:
+            log.error("reservation event for %s not delivered: %s", request_id, exc)
+            self.metrics.emit_failures.labels("reservation").inc()
+            await self.settle(hold, Money.zero(priced.hold.currency), None, {}, record=False)
+            raise Denied(503, "event_sink_unavailable", "metering is unavailable") from None
+        return hold
+
+    # -- settlement -----------------------------------------------------------------------------------
+
+    async def settle(
+        self, hold: Hold, cost: Money, usage: TokenUsage | None, extra: dict[str, Any], *, record: bool = True
+    ) -> None:
+        """Settle once (and emit the event, when ``record``); never raises."""
+        if hold.settled:
+            return
+        hold.settled = True
+        self.holds_in_flight -= 1
+        self.metrics.holds_in_flight.set(self.holds_in_flight)
+        self.metrics.hold_age.observe(time.monotonic() - hold.admitted_mono)
+        if cost > hold.priced.hold:
+            self.metrics.hold_exceeded.inc()
+            log.warning("request %s cost %s, above its hold %s", hold.request_id, cost, hold.priced.hold)
+        settled_at = self.clock()
+        settlement = None
+        for delay in (*_SETTLE_RETRIES, None):
+            try:
+                settlement = await self.budget.settle(hold.request_id, cost, settled_at)
+                break
+            except Exception as exc:
+                if delay is None:
+                    log.error(
+                        "settlement of %s failed; the hold will expire at its amount: %s",
+                        hold.request_id,
+                        exc,
+                    )
+                    self.metrics.settlement_failures.inc()
+                    return
+                await asyncio.sleep(delay)
+        assert settlement is not None
+        if settlement.replayed or not record:
+            return
+        details = {**hold.extra, **extra, "settled_at": settled_at.isoformat()}
+        if settlement.correction is not None:
+            event = self._event(hold, LedgerEventType.ADJUSTMENT, settlement.correction, usage, details)
+        else:
+            event = self._event(hold, LedgerEventType.SETTLEMENT, settlement.charged, usage, details)
+        await self._emit(event)
+
+    # -- denials and expiry ---------------------------------------------------------------------------
+
+    def deny(self, request_id: uuid.UUID, agent: Agent, reason: str, currency: str, resource: str) -> None:
+        """Record a refusal in the background."""
+        event = MeteringEvent(
+            kind=LedgerEventType.DENIAL,
+            request_id=request_id,
+            agent_id=agent.agent_id,
+            occurred_at=self.clock(),
+            cost=Money.zero(currency),
+            resource=resource,
+            deny_reason=reason,
+        )
+        self.spawn(self._emit(event))
+
+    async def expire_once(self) -> int:
+        now = self.clock()
+        expired = await self.budget.expire_due(now)
+        for item in expired:
+            self.metrics.expired_holds.inc()
+            await self._emit(
+                MeteringEvent(
+                    kind=LedgerEventType.EXPIRY,
+                    request_id=item.request_id,
+                    agent_id=item.agent_id,
+                    occurred_at=item.reserved_at,
+                    cost=item.amount,
+                    hold=item.amount,
+                    policy_ids=item.policy_ids,
+                    extra={"expired_at": now.isoformat()},
+                )
+            )
+        return len(expired)
+
+    async def expire_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.expire_once()
+            except Exception as exc:
+                log.warning("hold expiry failed: %s", exc)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` in the background; ``drain`` waits for it at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def background_tasks(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, wait_seconds: float = 30.0) -> None:
+        """Wait for background settlements and events (at shutdown)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=wait_seconds)
+
+    async def _emit(self, event: MeteringEvent) -> None:
+        for delay in (*_SETTLE_RETRIES, None):
+            try:
+                await self.sink.emit(event)
+                return
+            except Exception as exc:
+                if delay is None:
+                    log.error("%s event %s not delivered: %s", event.kind, event.event_id, exc)
+                    self.metrics.emit_failures.labels(str(event.kind)).inc()
+                    return
+                await asyncio.sleep(delay)
+
+    def _event(
+        self,
+        hold: Hold,
+        kind: LedgerEventType,
+        cost: Money,
+        usage: TokenUsage | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> MeteringEvent:
+        priced = hold.priced
+        details = dict(extra if extra is not None else hold.extra)
+        details.setdefault("endpoint", str(priced.kind))
+        if kind is LedgerEventType.RESERVATION and priced.token_price is not None:
+            details.update(input_token_bound=priced.input_bound, max_output_tokens=priced.max_output_tokens)
+        return MeteringEvent(
+            kind=kind,
+            request_id=hold.request_id,
+            agent_id=hold.agent.agent_id,
+            occurred_at=hold.admitted_at,
+            cost=cost,
+            resource=hold.resource,
+            model=priced.model,
+            hold=priced.hold,
+            input_tokens=usage.input_tokens if usage else None,
+            output_tokens=usage.output_tokens if usage else None,
+            cached_input_tokens=usage.cached_input_tokens if usage else None,
+            policy_ids=hold.policy_ids,
+            extra=details,
+        )

@@ -1,0 +1,320 @@
+"""The request path: authenticate -> allowlist -> price -> reserve -> forward -> meter -> settle.
+
+Every step that cannot decide denies (fail closed): a missing snapshot, an unreachable budget, an unpriced
+model, an undeliverable reservation event. Each answer carries ``X-Caracal-Request-Id``; each refusal also
+``X-Caracal-Deny-Reason`` and a body in the calling provider's error shape.
+
+What a call is charged:
+
+* the provider's reported usage, priced at the price in force when the call was admitted;
+* the hold, when a successful answer reports no usage, or when the provider did not answer in time (it may
+  have done the work);
+* zero when the provider refused the call (an error status without usage) or could not be reached: a
+  request the provider rejected costs nothing;
+* for a stream that ended early (cut at its hold, the client went away, the provider broke off), the usage
+  so far, bounded by the streamed bytes and never above the hold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import aiohttp
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from caracald.core.errors import CurrencyMismatchError, ValidationError
+from caracald.core.money import Money
+from caracald.core.pricebook import TokenUsage, token_cost
+from caracald.gateway import upstream
+from caracald.gateway.auth import extract_key, identify, require_active
+from caracald.gateway.billing import Billing, Hold
+from caracald.gateway.cache import PolicyCache
+from caracald.gateway.errors import DENY_REASON_HEADER, REQUEST_ID_HEADER, Denied, Flavor, error_body
+from caracald.gateway.metrics import GatewayMetrics
+from caracald.gateway.pricing import (
+    EndpointKind,
+    Priced,
+    endpoint_kind,
+    finish_tokens,
+    parse_json_object,
+    plan_tokens,
+    price_request,
+)
+from caracald.gateway.relay import Relay, RelayOutcome
+from caracald.gateway.routing import TARGET_HEADER, Target, resolve_generic, resolve_named, route_flavor
+from caracald.gateway.streaming import StreamMeter
+from caracald.gateway.switches import DenyAllSwitch
+from caracald.gateway.usage import usage_from_body
+from caracald.runtime.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Call:
+    request_id: uuid.UUID
+    route: str
+    flavor: Flavor
+    started: float
+    agent: Any = None
+    target: Target | None = None
+    hold: Hold | None = None
+    forwarded: bool = False
+    currency: str = "USD"
+
+
+class _Endpoint:
+    """A raw ASGI endpoint (an instance, so Starlette does not wrap it as a request handler)."""
+
+    def __init__(self, gateway: Gateway, route: str) -> None:
+        self.gateway = gateway
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.gateway.handle(Request(scope, receive), self.route)
+        await response(scope, receive, send)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
+    except ClientDisconnect:
+        raise Denied(400, "client_disconnected", "the client went away while sending the request") from None
+    return bytes(body)
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        cache: PolicyCache,
+        switch: DenyAllSwitch,
+        billing: Billing,
+        metrics: GatewayMetrics,
+        clock: Callable[[], datetime],
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.switch = switch
+        self.billing = billing
+        self.metrics = metrics
+        self.clock = clock
+        self.session = session
+
+    def endpoint(self, route: str) -> ASGIApp:
+        return _Endpoint(self, route)
+
+    # -- the request path -----------------------------------------------------------------------------
+
+    async def handle(self, request: Request, route: str) -> ASGIApp:
+        raw_path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        call = _Call(uuid.uuid4(), route, route_flavor(self.config, raw_path), time.perf_counter())
+        try:
+            return await self._handle(request, call)
+        except Denied as denied:
+            return self._deny(call, denied)
+        except Exception:
+            log.exception("request %s failed", call.request_id)
+            if call.hold is not None:
+                self._settle_abandoned(call)
+            return self._deny(call, Denied(503, "internal_error", "the gateway failed to handle the request"))
+
+    def _target(self, request: Request, call: _Call) -> Target:
+        if call.route == "unknown":
+            raise Denied(
+                404,
+                "unknown_route",
+                f"no route {request.url.path}: use /openai, /anthropic, /u/<name>, /proxy",
+            )
+        if call.route == "proxy":
+            values = [v.decode("latin-1") for k, v in request.scope["headers"] if k.lower() == TARGET_HEADER]
+            return resolve_generic(self.config, values)
+        raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        if call.route == "named":
+            _, _, name, *rest = raw.split("/", 3)
+            return resolve_named(self.config, name, rest[0] if rest else "", request.url.query)
+        rest = raw.split("/", 2)[2] if raw.count("/") >= 2 else ""
+        return resolve_named(self.config, call.route, rest, request.url.query)
+
+    async def _handle(self, request: Request, call: _Call) -> ASGIApp:
+        target = call.target = self._target(request, call)
+        if target.flavor != "generic":
+            call.flavor = target.flavor
+        if self.switch.on:
+            raise Denied(403, "deny_all", "an operator has switched the gateway to deny every request")
+        snapshot = self.cache.current()
+        agent = call.agent = identify(snapshot, extract_key(request.scope["headers"]))
+        require_active(snapshot, agent)
+        try:
+            allowed = snapshot.allowlist(agent.agent_id).allows(target.url)
+        except ValidationError as exc:
+            raise Denied(400, "invalid_target", exc.message) from None
+        if not allowed:
+            raise Denied(
+                403, "not_allowlisted", f"{target.resource} is not on agent {agent.name}'s allowlist"
+            )
+        scopes = snapshot.scopes(agent.agent_id)
+        if not scopes:
+            raise Denied(403, "no_policy", f"agent {agent.name} has no active budget policy")
+        call.currency = scopes[0].limit.currency
+        body = await read_body(request, self.config.max_body_bytes)
+        priced = await self._price(request.method, target, body, snapshot.pricebook, scopes)
+        call.hold = await self.billing.admit(call.request_id, agent, scopes, priced, target.resource)
+        call.hold.extra.update(route=call.route, method=request.method)
+        return await self._forward(request, call, call.hold)
+
+    async def _price(self, method: str, target: Target, body: bytes, pricebook: Any, scopes: Any) -> Priced:
+        kind = endpoint_kind(target, method)
+        now = self.clock()
+        if kind.token_priced:
+            plan = plan_tokens(kind, body, pricebook, now)
+            if plan is not None:
+                remaining = None
+                if kind is not EndpointKind.EMBEDDINGS:
+                    try:
+                        remaining = await self.billing.budget.remaining(scopes, now)
+                    except CurrencyMismatchError as exc:
+                        raise Denied(422, "currency_mismatch", exc.message) from None
+                    except Exception as exc:
+                        log.error("budget unavailable: %s", exc)
+                        raise Denied(503, "budget_unavailable", "the budget service is unavailable") from None
+                return finish_tokens(plan, remaining, self.config.default_max_output_tokens)
+        return price_request(EndpointKind.REQUEST, target, body, pricebook, now)
+
+    async def _forward(self, request: Request, call: _Call, hold: Hold) -> ASGIApp:
+        target = call.target
+        assert target is not None
+        priced = hold.priced
+        headers = upstream.upstream_headers(request.scope["headers"], target.upstream)
+        zero = Money.zero(priced.hold.currency)
+        call.forwarded = True
+        try:
+            response = await upstream.send(self.session(), request.method, target.url, headers, priced.body)
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": repr(exc)}))
+            raise Denied(504, "upstream_timeout", "the provider did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            self.billing.spawn(self.billing.settle(hold, zero, None, {"upstream_error": repr(exc)}))
+            raise Denied(
+                502, "upstream_unavailable", f"the provider could not be reached ({type(exc).__name__})"
+            ) from None
+        out_headers = [*upstream.client_headers(response), (REQUEST_ID_HEADER, str(call.request_id))]
+        is_stream = response.headers.get("content-type", "").lower().startswith("text/event-stream")
+        if priced.token_price is not None and not is_stream:
+            return await self._buffered(call, hold, response, out_headers)
+        meter = StreamMeter(priced) if priced.token_price is not None else None
+
+        async def on_end(outcome: RelayOutcome) -> None:
+            await self._end_relay(call, hold, meter, outcome)
+
+        return Relay(
+            response, out_headers, meter=meter, flavor=call.flavor, on_end=on_end, spawn=self.billing.spawn
+        )
+
+    async def _buffered(
+        self, call: _Call, hold: Hold, response: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+    ) -> ASGIApp:
+        priced = hold.priced
+        try:
+            body = await response.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            response.close()
+            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": repr(exc)}))
+            raise Denied(502, "upstream_failed", "the provider's answer broke off") from None
+        response.release()
+        usage: TokenUsage | None = None
+        try:
+            usage = usage_from_body(priced.kind, parse_json_object(body))
+        except Denied:
+            usage = None
+        assert priced.token_price is not None
+        if usage is not None:
+            cost, source = token_cost(priced.token_price, usage), "reported"
+        elif response.status < 400:
+            cost, source = priced.hold, "hold"
+        else:
+            cost, source = Money.zero(priced.hold.currency), "rejected"
+        extra = {"status": response.status, "usage_source": source}
+        self.billing.spawn(self.billing.settle(hold, cost, usage, extra))
+        self._observe(call, response.status)
+        answer = Response(body, status_code=response.status)
+        answer.raw_headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        return answer
+
+    async def _end_relay(
+        self, call: _Call, hold: Hold, meter: StreamMeter | None, outcome: RelayOutcome
+    ) -> None:
+        if outcome.cut and not outcome.upstream_error:
+            self.metrics.streams_cut.inc()
+        if outcome.client_disconnected:
+            self.metrics.client_disconnects.inc()
+        extra: dict[str, Any] = {
+            "status": outcome.status,
+            "stream_cut": outcome.cut,
+            "client_disconnected": outcome.client_disconnected,
+        }
+        if outcome.upstream_error:
+            extra["upstream_error"] = outcome.upstream_error
+        usage: TokenUsage | None = None
+        if meter is not None:
+            complete = outcome.completed and not outcome.cut
+            cost, usage, source = meter.settlement(complete=complete)
+            if source == "hold" and outcome.status >= 400:
+                cost, source = Money.zero(cost.currency), "rejected"
+            extra.update(usage_source=source, stream_events=meter.events)
+        elif outcome.status < 400:
+            cost = hold.priced.hold
+        else:
+            cost = Money.zero(hold.priced.hold.currency)
+        await self.billing.settle(hold, cost, usage, extra)
+        self._observe(call, outcome.status)
+
+    def _settle_abandoned(self, call: _Call) -> None:
+        hold = call.hold
+        assert hold is not None
+        cost = hold.priced.hold if call.forwarded else Money.zero(hold.priced.hold.currency)
+        self.billing.spawn(self.billing.settle(hold, cost, None, {"abandoned": True}))
+
+    # -- answers --------------------------------------------------------------------------------------
+
+    def _observe(self, call: _Call, status: int) -> None:
+        label = call.route
+        if call.target is not None:
+            label = call.target.upstream_name or "generic"
+        self.metrics.requests.labels(label, str(status)).inc()
+        self.metrics.duration.labels(label).observe(time.perf_counter() - call.started)
+
+    def _deny(self, call: _Call, denied: Denied) -> Response:
+        self.metrics.denials.labels(denied.reason).inc()
+        if denied.status == 401:
+            self.metrics.auth_failures.labels(denied.reason).inc()
+        if call.agent is not None and call.hold is None:
+            currency = call.currency
+            resource = call.target.resource if call.target else ""
+            self.billing.deny(call.request_id, call.agent, denied.reason, currency, resource)
+        self._observe(call, denied.status)
+        response = Response(
+            error_body(call.flavor, denied.status, denied.reason, denied.message),
+            status_code=denied.status,
+            media_type="application/json",
+        )
+        response.headers[REQUEST_ID_HEADER] = str(call.request_id)
+        response.headers[DENY_REASON_HEADER] = denied.reason
+        return response

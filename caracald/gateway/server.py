@@ -1,0 +1,168 @@
+"""Running the gateway from the configuration: the store, the budget backend, the event sink, uvicorn.
+
+* Budget: ``budget.backend: local`` runs the in-process counters, seeded at start from the ledger's charges
+  of the last 32 days (every calendar or rolling window is shorter), so a restart does not forget spend;
+  ``redis`` shares them with every replica (``redis.url``).
+* Events: with ``bus.kind: kafka`` they go to Kafka, through the local spool when ``bus.spool_dir`` is set;
+  otherwise straight into the PostgreSQL ledger (:class:`~caracald.gateway.sinks.LedgerSink`).
+* The deny-all switch is read from PostgreSQL, and from Redis when ``redis.url`` is set.
+
+One uvicorn worker per process; ``READY=1`` goes to systemd once the socket listens, and the watchdog is fed
+while the event loop turns and the cache can serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import uuid
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import uvicorn
+
+from caracald.budget.base import BudgetBackend
+from caracald.core.budget import spend_slot
+from caracald.core.money import Money
+from caracald.gateway.app import GatewayDeps, create_app
+from caracald.gateway.cache import PostgresSnapshotSource
+from caracald.gateway.sinks import EventSink, LedgerSink
+from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
+from caracald.runtime.config import CaracalConfig
+from caracald.runtime.sdnotify import Notifier, Watchdog
+from caracald.store.connect import daemon_pool_sizes, open_database
+from caracald.store.database import Database
+from caracald.store.gateway import charged_since, load_snapshot
+
+log = logging.getLogger(__name__)
+
+#: How far back the in-process counters are rebuilt from the ledger (longer than any window).
+SEED_SPAN = timedelta(days=32)
+
+
+def ledger_totals(db: Database, now: datetime) -> dict[tuple[uuid.UUID, str], Money]:
+    """Settled spend per (policy, spend slot), from the ledger, for the policies in force now."""
+    with db.read() as conn:
+        snapshot = load_snapshot(conn)
+        events = charged_since(conn, now - SEED_SPAN)
+    windows = {p.policy_id: p.terms.window for p in snapshot.policies}
+    totals: dict[tuple[uuid.UUID, str], Money] = {}
+    for event in events:
+        for policy_id in event.policy_ids:
+            spec = windows.get(policy_id)
+            if spec is None:
+                continue
+            key = (policy_id, spend_slot(spec, event.occurred_at))
+            amount = Money(event.cost, event.currency)
+            totals[key] = totals[key] + amount if key in totals else amount
+    return totals
+
+
+async def make_budget(config: CaracalConfig, db: Database, stack: AsyncExitStack) -> BudgetBackend:
+    if config.budget.backend == "redis":
+        from caracald.budget.redis_backend import RedisBudget
+
+        if config.redis.url is None:
+            raise SystemExit("budget.backend is redis but redis.url is not set")
+        redis_budget = RedisBudget.from_url(config.redis.url.get_secret_value())
+        stack.push_async_callback(redis_budget.close)
+        return redis_budget
+    from caracald.budget.local_backend import LocalBudget
+
+    local = LocalBudget()
+    totals = await asyncio.to_thread(ledger_totals, db, datetime.now(UTC))
+    await local.seed(totals)
+    log.info("in-process budget counters seeded from %d ledger slot(s)", len(totals))
+    return local
+
+
+def make_sink(config: CaracalConfig, db: Database) -> EventSink:
+    if config.bus.kind == "kafka":
+        from caracald.bus.base import ProducerSink
+        from caracald.bus.kafka import KafkaProducer, client_config
+
+        producer = KafkaProducer(client_config(config.kafka))
+        if config.bus.spool_dir is not None:
+            from caracald.bus.spool import Spool, SpoolingSink
+
+            return SpoolingSink(producer, Spool(config.bus.spool_dir))
+        return ProducerSink(producer)
+    return LedgerSink(db)
+
+
+def uvicorn_config(config: CaracalConfig, app: Any) -> uvicorn.Config:
+    gateway = config.gateway
+    tls: dict[str, Any] = {}
+    if gateway.tls.cert_file and gateway.tls.key_file:
+        tls = {"ssl_certfile": str(gateway.tls.cert_file), "ssl_keyfile": str(gateway.tls.key_file)}
+        if gateway.tls.client_ca_file:
+            tls.update(ssl_ca_certs=str(gateway.tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return uvicorn.Config(
+        app,
+        host=gateway.host,
+        port=gateway.port,
+        workers=1,
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+        **tls,
+    )
+
+
+async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
+    """Run the gateway until SIGINT/SIGTERM."""
+    async with AsyncExitStack() as stack:
+        if db is None:
+            db = await asyncio.to_thread(open_database, config, sizes=daemon_pool_sizes(config))
+            stack.callback(db.close)
+        budget = await make_budget(config, db, stack)
+        sink = make_sink(config, db)
+        closer = getattr(sink, "close", None)
+        if closer is not None:
+            if asyncio.iscoroutinefunction(closer):
+                stack.push_async_callback(closer)
+            else:
+                stack.callback(closer)
+        start = getattr(sink, "start", None)
+        if start is not None and asyncio.iscoroutinefunction(start):
+            await start()
+        switches: list[SwitchSource] = [PostgresSwitch(db)]
+        if config.redis.url is not None:
+            redis_switch = RedisSwitch(config.redis.url.get_secret_value())
+            stack.push_async_callback(redis_switch.close)
+            switches.append(redis_switch)
+        deps = GatewayDeps(
+            config=config.gateway,
+            snapshots=PostgresSnapshotSource(db),
+            budget=budget,
+            sink=sink,
+            switches=switches,
+        )
+        app = create_app(deps)
+        server = uvicorn.Server(uvicorn_config(config, app))
+        notifier = Notifier.from_environment()
+        stack.callback(notifier.close)
+        state = app.state.gateway
+
+        async def ready() -> None:
+            # uvicorn runs the lifespan before it binds: READY=1 only once the socket listens.
+            while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
+                await asyncio.sleep(0.05)
+            notifier.ready(f"serving on {config.gateway.host}:{config.gateway.port}")
+            await Watchdog(notifier).run(healthy=lambda: state.cache.state != "unavailable")
+
+        helper = asyncio.create_task(ready())
+        try:
+            await server.serve()
+        finally:
+            helper.cancel()
+            notifier.stopping()
+
+
+def run(config: CaracalConfig, *, db: Database | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config, db=db))
