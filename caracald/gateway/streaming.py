@@ -4,14 +4,18 @@
 leaves half an event behind. :class:`StreamMeter` reads each event:
 
 * the text it adds (content, refusals, reasoning and thinking text, tool-call names and arguments): its UTF-8
-  byte count bounds the output tokens so far, as byte-level BPE never makes more tokens than bytes;
+  byte count is an upper bound of the output tokens so far (byte-level BPE never makes more tokens than
+  bytes), and the number of text-bearing deltas a lower bound (each delta carries at least one token);
 * the usage the provider reports: Anthropic's ``message_start`` (input, cache) and ``message_delta``
   (cumulative output), OpenAI's final usage chunk (forced with ``stream_options.include_usage``) and the
   responses API's ``response.completed``.
 
-Once the bound of what the stream has cost exceeds the hold, the stream must be cut. A complete stream is
-settled at its reported usage; one that ended early (cut, or the client went away) at the usage so far,
-never above the hold. Hidden reasoning tokens are not in the stream: only the final usage reports them.
+The provider itself stops at ``max_tokens``, which the gateway clamped to what the hold pays for, so an honest
+stream never outgrows its hold. The cut is the defence against one that ignores the limit: it fires once the
+tokens *certainly* produced (the lower bound) exceed what the hold pays for. Cutting on the byte bound
+instead would cut honest answers at about a quarter of their length, since text averages about four bytes
+per token. A complete stream is settled at its reported usage; one that ended early (cut, or the client
+went away) at the byte bound so far, never above the hold. Hidden reasoning tokens are not in the stream: only the final usage reports them.
 """
 
 from __future__ import annotations
@@ -108,6 +112,7 @@ class StreamMeter:
         self._price = priced.token_price
         self._bound_price = bounding_price(priced.token_price)
         self.output_bytes = 0
+        self.output_deltas = 0
         self.reported_output = 0
         self._anthropic: dict[str, Any] = {}
         self.final_usage: TokenUsage | None = None
@@ -126,7 +131,7 @@ class StreamMeter:
                 self._responses_event(data)
             elif self.kind is EndpointKind.CHAT:
                 seen.forward = self._chat_chunk(data)
-        seen.over_hold = self.final_usage is None and self.cost_so_far(bound=True) > self.priced.hold
+        seen.over_hold = self.final_usage is None and self._certain_cost() > self.priced.hold
         return seen
 
     def _chat_chunk(self, data: dict[str, Any]) -> bool:
@@ -135,7 +140,7 @@ class StreamMeter:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
-            self.output_bytes += _text_bytes(
+            self._add_text(
                 delta.get("content"),
                 delta.get("refusal"),
                 delta.get("reasoning_content"),
@@ -145,7 +150,7 @@ class StreamMeter:
             for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
-                    self.output_bytes += _text_bytes(function.get("name"), function.get("arguments"))
+                    self._add_text(function.get("name"), function.get("arguments"))
         usage = data.get("usage")
         if isinstance(usage, dict):
             self.final_usage = openai_usage(EndpointKind.CHAT, usage)
@@ -159,7 +164,7 @@ class StreamMeter:
         if not isinstance(kind, str):
             return
         if kind.endswith(".delta"):
-            self.output_bytes += _text_bytes(data.get("delta"))
+            self._add_text(data.get("delta"))
         elif kind in ("response.completed", "response.incomplete", "response.failed"):
             response = data.get("response")
             if isinstance(response, dict):
@@ -176,13 +181,13 @@ class StreamMeter:
         elif kind == "content_block_start":
             block = data.get("content_block")
             if isinstance(block, dict):
-                self.output_bytes += _text_bytes(block.get("text"), block.get("thinking"))
+                self._add_text(block.get("text"), block.get("thinking"))
         elif kind == "content_block_delta":
             delta = data.get("delta")
             if isinstance(delta, dict):
                 field = _ANTHROPIC_DELTA_TEXT.get(str(delta.get("type")))
                 if field:
-                    self.output_bytes += _text_bytes(delta.get(field))
+                    self._add_text(delta.get(field))
         elif kind == "message_delta":
             usage = data.get("usage")
             if isinstance(usage, dict):
@@ -200,6 +205,17 @@ class StreamMeter:
             if known is not None:
                 return known
         return TokenUsage(self.priced.input_bound, output)
+
+    def _add_text(self, *values: object) -> None:
+        added = _text_bytes(*values)
+        if added:
+            self.output_bytes += added
+            self.output_deltas += 1
+
+    def _certain_cost(self) -> Money:
+        """What the stream has cost at the least: its input bound and the output it surely produced."""
+        output = max(self.reported_output, self.output_deltas)
+        return token_cost(self._bound_price, TokenUsage(self.priced.input_bound, output))
 
     def cost_so_far(self, *, bound: bool = False) -> Money:
         return token_cost(self._bound_price if bound else self._price, self.usage_so_far())

@@ -398,7 +398,7 @@ def test_a_stream_is_cut_when_it_uses_up_its_hold(gateway: GatewayHarness, agent
     with pytest.raises(openai.APIError) as caught:
         consume()
     assert "hold_exhausted" in str(caught.value)
-    assert 0 < len("".join(received).encode()) <= 50  # never more streamed than the hold pays for
+    assert 0 < len([text for text in received if text]) <= 50  # never more tokens than the hold pays for
     rows = settled_rows(gateway, agent)
     hold = Decimal(rows[0]["metadata"]["hold"])
     settlement = rows[1]
@@ -408,6 +408,26 @@ def test_a_stream_is_cut_when_it_uses_up_its_hold(gateway: GatewayHarness, agent
     while gateway.fake.aborted_streams < 1:  # the provider was told to stop
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_an_honest_stream_runs_to_its_max_tokens_uncut(gateway: GatewayHarness, agent: AgentKey) -> None:
+    # 200 tokens of four bytes each: 800 bytes, far more bytes than the hold's 200 tokens
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=agent.api_key, max_retries=0)
+    chunks = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model="gpt-test",
+            messages=[{"role": "user", "content": "write at length"}],
+            max_tokens=200,
+            stream=True,
+            extra_headers={"X-Fake-Output-Tokens": "200"},
+        )
+        if chunk.choices
+    ]
+    assert len([text for text in chunks if text]) == 200
+    settlement = settled_rows(gateway, agent)[1]
+    assert settlement["output_tokens"] == 200
+    assert settlement["metadata"]["stream_cut"] is False
 
 
 def test_an_anthropic_stream_is_cut_with_an_error_event(gateway: GatewayHarness, agent: AgentKey) -> None:

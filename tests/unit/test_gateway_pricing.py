@@ -190,12 +190,16 @@ def _sse(payload: dict[str, object], name: str | None = None) -> bytes:
     return f"{head}data: {json.dumps(payload)}\n\n".encode()
 
 
-def test_chat_meter_counts_bytes_cuts_at_the_hold_and_drops_the_forced_usage_chunk() -> None:
+def test_chat_meter_cuts_only_past_the_tokens_surely_produced_and_drops_the_forced_usage_chunk() -> None:
     plan = plan_tokens(EndpointKind.CHAT, chat(stream=True, max_tokens=10), BOOK, NOW)
     assert plan is not None
     meter = StreamMeter(finish_tokens(plan, Money(Decimal(100), "USD"), 4096))
-    assert meter.observe(_sse({"choices": [{"delta": {"content": "é" * 5}}]})).over_hold is False
-    assert meter.output_bytes == 10
+    # an honest answer: ten deltas of four bytes, 40 bytes in all, is within a 10-token hold
+    for _ in range(10):
+        assert meter.observe(_sse({"choices": [{"delta": {"content": " abc"}}]})).over_hold is False
+    assert (meter.output_bytes, meter.output_deltas) == (40, 10)
+    assert meter.observe(_sse({"choices": [{"delta": {"content": ""}}]})).over_hold is False  # no token
+    # an eleventh token is more than the provider may produce under max_tokens=10: cut
     assert meter.observe(_sse({"choices": [{"delta": {"content": "x"}}]})).over_hold is True
     usage_chunk = _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
     assert meter.observe(usage_chunk).forward is False
