@@ -107,6 +107,7 @@ def _register() -> None:
         db,
         kafka,
         ledger,
+        merkle,
         policy,
         pricebook,
     )
@@ -118,6 +119,7 @@ def _register() -> None:
     app.add_typer(ledger.app, name="ledger")
     app.add_typer(budget.app, name="budget")
     app.add_typer(audit.app, name="audit")
+    app.add_typer(merkle.app, name="merkle")
     app.add_typer(db.app, name="db")
     app.add_typer(kafka.app, name="kafka")
     app.add_typer(config_cmd.app, name="config")

@@ -15,7 +15,8 @@ stream never outgrows its hold. The cut is the defence against one that ignores 
 tokens *certainly* produced (the lower bound) exceed what the hold pays for. Cutting on the byte bound
 instead would cut honest answers at about a quarter of their length, since text averages about four bytes
 per token. A complete stream is settled at its reported usage; one that ended early (cut, or the client
-went away) at the byte bound so far, never above the hold. Hidden reasoning tokens are not in the stream: only the final usage reports them.
+went away) at the byte bound so far, never above the hold. Hidden reasoning tokens are not in the stream:
+only the final usage reports them.
 """
 
 from __future__ import annotations

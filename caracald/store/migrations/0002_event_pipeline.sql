@@ -5,7 +5,8 @@
 -- bigserial, but it is assigned by the trigger below *after* taking a per-topic transaction lock, so offsets
 -- of a topic become visible in order and a consumer reading "after offset N" never skips a row that commits
 -- late with a lower offset. (A column default would be evaluated before the trigger, outside the lock.)
-CREATE SEQUENCE event_log_offset_seq AS bigint;
+-- CACHE 1 matters: with a per-session cache, values would not be handed out in the order the lock grants.
+CREATE SEQUENCE event_log_offset_seq AS bigint CACHE 1;
 
 CREATE TABLE event_log (
     topic       text NOT NULL CHECK (length(topic) BETWEEN 1 AND 249),
