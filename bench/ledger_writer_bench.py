@@ -1,0 +1,204 @@
+"""Ledger writer throughput: produce N metering events to Kafka, then time one writer draining them.
+
+    python bench/ledger_writer_bench.py                     # 200,000 events
+    python bench/ledger_writer_bench.py --events 1000000    # the full run
+
+Without ``--bootstrap-servers`` / ``--database-url`` (or ``CARACAL_KAFKA_BOOTSTRAP_SERVERS`` /
+``CARACAL_DATABASE_URL``) it starts a throw-away Kafka broker and PostgreSQL with the test harness (the
+harness's PostgreSQL runs with ``fsync=off``; batches of thousands of rows make a commit's flush a small part
+of the cost anyway). Each run uses a new topic, consumer group and database, so runs never see each other's
+data. Prints the producer's rate and the writer's: events applied per second, from its first poll to its last
+commit. The target is 20,000 events/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+
+from caracald.bus.base import Record, event_headers  # noqa: E402
+from caracald.bus.kafka import KafkaBatchConsumer, KafkaProducer, create_topics  # noqa: E402
+from caracald.consumers.ledger_writer import LedgerWriter  # noqa: E402
+from caracald.core.events import MeteringEvent, encode  # noqa: E402
+from caracald.core.ledger import LedgerEventType  # noqa: E402
+from caracald.core.money import Money  # noqa: E402
+from caracald.store.migrate import migrate  # noqa: E402
+
+TARGET = 20_000
+
+
+def make_events(count: int, agents: list[uuid.UUID]) -> list[MeteringEvent]:
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    kinds = (LedgerEventType.RESERVATION, LedgerEventType.SETTLEMENT)
+    events = []
+    for i in range(count):
+        kind = kinds[i % 2]
+        request = uuid.UUID(int=random.getrandbits(128), version=4)
+        tokens_in, tokens_out = random.randint(10, 4000), random.randint(1, 2000)
+        events.append(
+            MeteringEvent(
+                kind=kind,
+                request_id=request,
+                agent_id=agents[i % len(agents)],
+                occurred_at=start + timedelta(milliseconds=i),
+                cost=Money(Decimal(tokens_in * 3 + tokens_out * 15) / Decimal(1_000_000), "USD")
+                if kind is LedgerEventType.SETTLEMENT
+                else Money(Decimal(0), "USD"),
+                resource="https://api.openai.com/v1/chat/completions",
+                model="gpt-4o-mini",
+                hold=Money(Decimal("0.05"), "USD") if kind is LedgerEventType.RESERVATION else None,
+                input_tokens=tokens_in if kind is LedgerEventType.SETTLEMENT else None,
+                output_tokens=tokens_out if kind is LedgerEventType.SETTLEMENT else None,
+                policy_ids=(agents[0],),
+            )
+        )
+    return events
+
+
+class TimedConsumer:
+    """The consumer, noting when the first records arrived (so that the group join is not timed)."""
+
+    def __init__(self, consumer: KafkaBatchConsumer) -> None:
+        self.consumer = consumer
+        self.group = consumer.group
+        self.first_records_at: float | None = None
+
+    def poll_batch(self, max_records: int, timeout: float) -> list[Record]:
+        records = self.consumer.poll_batch(max_records, timeout)
+        if records and self.first_records_at is None:
+            self.first_records_at = time.time()
+        return records
+
+    def commit(self, records: Sequence[Record]) -> None:
+        self.consumer.commit(records)
+
+    def lag(self) -> dict[tuple[str, int], int]:
+        return self.consumer.lag()
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def ledger_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM ledger_events").fetchone()
+    return int(row[0]) if row else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--agents", type=int, default=200)
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument("--bootstrap-servers", default=os.environ.get("CARACAL_KAFKA_BOOTSTRAP_SERVERS"))
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("CARACAL_DATABASE_URL"),
+        help="a server URL; the bench makes (and keeps) a new database on it",
+    )
+    args = parser.parse_args()
+
+    services = []
+    bootstrap = args.bootstrap_servers
+    if not bootstrap:
+        from tests.harness.kafka import KafkaService
+
+        # The harness tunes the JVM for start-up (C1 only); a benchmark wants steady-state speed (C2).
+        os.environ.setdefault("CARACAL_TEST_KAFKA_JAVA_OPTS", "-XX:TieredStopAtLevel=4 -XX:CICompilerCount=2")
+        print("starting a Kafka broker (test harness) ...", flush=True)
+        broker = KafkaService().start()
+        services.append(broker.close)
+        bootstrap = broker.bootstrap_servers
+    name = f"bench_{uuid.uuid4().hex[:10]}"
+    if args.database_url:
+        with psycopg.connect(args.database_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        url = psycopg.conninfo.make_conninfo(args.database_url, dbname=name)
+    else:
+        from tests.harness.postgres import PostgresService
+
+        print("starting PostgreSQL (test harness) ...", flush=True)
+        postgres = PostgresService.start()
+        services.append(postgres.stop)
+        url = postgres.create_database(name)
+    try:
+        return run(args, bootstrap, url)
+    finally:
+        for stop in reversed(services):
+            stop()
+
+
+def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
+    migrate(url)
+    agents = [uuid.uuid4() for _ in range(args.agents)]
+    now = datetime.now(UTC)
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO agents (agent_id, name, owner, status, created_at, updated_at) "
+            "VALUES (%s, %s, 'bench@example.com', 'active', %s, %s)",
+            [(a, f"bench-agent-{i}", now, now) for i, a in enumerate(agents)],
+        )
+    config = {"bootstrap.servers": bootstrap}
+    topic = f"bench.metering.{uuid.uuid4().hex[:8]}"
+    dlq_topic = f"bench.dlq.{uuid.uuid4().hex[:8]}"
+    create_topics(config, [topic], partitions=args.partitions, replication_factor=1, retention_ms=None)
+    create_topics(config, [dlq_topic], partitions=1, replication_factor=1, retention_ms=None)
+
+    print(f"producing {args.events:,} events ...", flush=True)
+    producer = KafkaProducer({**config, "linger.ms": 20, "batch.size": 1_000_000}, delivery_timeout=300)
+    produce_seconds = 0.0
+    for chunk in range(0, args.events, 50_000):  # in chunks: a million events need not sit in memory
+        payloads = [
+            (e.key, encode(e), event_headers(e))
+            for e in make_events(min(50_000, args.events - chunk), agents)
+        ]
+        started = time.perf_counter()
+        for key, value, headers in payloads:
+            producer.send(topic, value, key=key, headers=headers)
+        produce_seconds += time.perf_counter() - started
+    started = time.perf_counter()
+    left = producer.flush(300)
+    produce_seconds += time.perf_counter() - started
+    if left:
+        print(f"{left} events not acknowledged", file=sys.stderr)
+        return 1
+    print(
+        f"produced {args.events:,} events in {produce_seconds:.1f} s ({args.events / produce_seconds:,.0f}/s)"
+    )
+    print(f"load average before draining: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+
+    consumer = TimedConsumer(KafkaBatchConsumer(config, f"bench-{uuid.uuid4().hex[:8]}", [topic]))
+    writer = LedgerWriter(consumer, url, producer, dlq_topic=dlq_topic, batch_size=args.batch_size)
+    print("draining with one ledger writer ...", flush=True)
+    writer.run(idle_exit=3.0)
+    writer.close()
+    producer.close()
+    finished = writer.health.last_commit or time.time()
+    seconds = finished - (consumer.first_records_at or finished)
+    applied = ledger_count(url)
+    rate = applied / seconds if seconds > 0 else 0.0
+    print(f"ledger writer: {applied:,} events in {seconds:.1f} s = {rate:,.0f} events/s (target {TARGET:,})")
+    print(f"load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    if applied != args.events:
+        print(f"expected {args.events:,} ledger rows, found {applied:,}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
