@@ -51,7 +51,9 @@ def up(
         False, "--setup-only", help="Set up the store, then exit without serving."
     ),
 ) -> None:
-    """Set up the store (the embedded PostgreSQL unless a database URL is configured) and run the gateway."""
+    """Set up the store (the embedded PostgreSQL unless a database URL is configured) and run the gateway,
+    with the ledger writer and the audit logger (and the metrics aggregator when Redis is configured) in
+    the same process."""
     try:
         settings = load_config(config)
         db = open_database(settings, auto_migrate=True)
@@ -69,14 +71,28 @@ def up(
     if setup_only:
         db.close()
         return
-    typer.echo(
-        f"Gateway listening on http://{settings.gateway.host}:{settings.gateway.port} (Ctrl-C stops it)."
-    )
+    from caracald.consumers.daemons import InProcessConsumers
+
+    # The consumers run in this process, over the bus the gateway writes to (the event log by default): the
+    # events take the same path as in the distributed deployment.
     try:
+        consumers = InProcessConsumers(settings, db.url).start()
+    except CaracalError as exc:
+        db.close()
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(3) from None
+    try:
+        # Events left on the log by the last run reach the ledger before the budget counters are seeded.
+        if not consumers.wait_caught_up(timeout=30):
+            typer.echo("Warning: the ledger writer has not caught up with the event log yet.", err=True)
+        typer.echo(
+            f"Gateway listening on http://{settings.gateway.host}:{settings.gateway.port} (Ctrl-C stops it)."
+        )
         from caracald.gateway.server import run as run_gateway
 
         run_gateway(settings, db=db)
     finally:
+        consumers.stop()
         db.close()
 
 
@@ -95,6 +111,159 @@ def gateway(
     from caracald.gateway.server import run as run_gateway
 
     run_gateway(settings)
+
+
+HEALTH_PORT_OPTION = typer.Option(
+    8080,
+    "--health-port",
+    envvar="CARACAL_HEALTH_PORT",
+    help="Port of /healthz and /readyz (0: any free one).",
+)
+METRICS_PORT_OPTION = typer.Option(
+    9090, "--metrics-port", envvar="CARACAL_METRICS_PORT", help="Port of /metrics (0: any free one)."
+)
+LISTEN_HOST_OPTION = typer.Option(
+    "0.0.0.0",  # noqa: S104 - probes and Prometheus reach the daemon from outside its pod or host
+    "--listen-host",
+    envvar="CARACAL_LISTEN_HOST",
+    help="Address the health and metrics endpoints listen on.",
+)
+BATCH_SIZE_OPTION = typer.Option(
+    None, "--batch-size", min=1, help="Records per batch (default: the consumer's)."
+)
+LOG_LEVEL_OPTION = typer.Option("INFO", "--log-level", envvar="CARACAL_LOG_LEVEL", help="Logging level.")
+GROUP_OPTION = typer.Option(None, "--group", help="Consumer group (default: the consumer's own).")
+TOPIC_OPTION = typer.Option(None, "--topic", help="Topic to read (default: the consumer's own).")
+DLQ_TOPIC_OPTION = typer.Option("caracal.dlq", "--dlq-topic", help="Topic of the dead letters.")
+
+
+def _run_consumer(
+    kind: str,
+    config: Path | None,
+    *,
+    health_port: int,
+    metrics_port: int,
+    listen_host: str,
+    batch_size: int | None,
+    log_level: str,
+    group: str | None,
+    topic: str | None,
+    dlq_topic: str,
+) -> None:
+    from caracald.consumers import daemons
+    from caracald.runtime.daemon import configure_logging, run_consumer
+    from caracald.store.connect import resolve_url
+    from caracald.store.migrate import migrate
+
+    configure_logging(log_level)
+    try:
+        settings = load_config(config)
+        url = resolve_url(settings)
+        if settings.embedded_mode:
+            migrate(url)
+        built = daemons.build(
+            kind,  # type: ignore[arg-type]
+            settings,
+            url,
+            group=group,
+            topic=topic,
+            dlq_topic=dlq_topic,
+            batch_size=batch_size,
+        )
+    except CaracalError as exc:
+        typer.echo(f"Error: {exc}", err=True)
+        raise typer.Exit(3) from None
+    code = run_consumer(
+        kind,
+        built.loop,
+        close=built.close,
+        host=listen_host,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        status=f"{kind}: consuming {built.topic} as {built.group} over {built.bus}",
+    )
+    raise typer.Exit(code)
+
+
+@app.command("ledger-writer")
+def ledger_writer(
+    config: Path | None = CONFIG_OPTION,
+    health_port: int = HEALTH_PORT_OPTION,
+    metrics_port: int = METRICS_PORT_OPTION,
+    listen_host: str = LISTEN_HOST_OPTION,
+    batch_size: int | None = BATCH_SIZE_OPTION,
+    log_level: str = LOG_LEVEL_OPTION,
+    group: str | None = GROUP_OPTION,
+    topic: str | None = TOPIC_OPTION,
+    dlq_topic: str = DLQ_TOPIC_OPTION,
+) -> None:
+    """Metering events from the bus into the ledger, each exactly once (group ledger-writer-group)."""
+    _run_consumer(
+        "ledger-writer",
+        config,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        listen_host=listen_host,
+        batch_size=batch_size,
+        log_level=log_level,
+        group=group,
+        topic=topic,
+        dlq_topic=dlq_topic,
+    )
+
+
+@app.command("metrics-aggregator")
+def metrics_aggregator(
+    config: Path | None = CONFIG_OPTION,
+    health_port: int = HEALTH_PORT_OPTION,
+    metrics_port: int = METRICS_PORT_OPTION,
+    listen_host: str = LISTEN_HOST_OPTION,
+    batch_size: int | None = BATCH_SIZE_OPTION,
+    log_level: str = LOG_LEVEL_OPTION,
+    group: str | None = GROUP_OPTION,
+    topic: str | None = TOPIC_OPTION,
+    dlq_topic: str = DLQ_TOPIC_OPTION,
+) -> None:
+    """Spend aggregates per agent, model and hour/day in Redis, and Prometheus counters."""
+    _run_consumer(
+        "metrics-aggregator",
+        config,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        listen_host=listen_host,
+        batch_size=batch_size,
+        log_level=log_level,
+        group=group,
+        topic=topic,
+        dlq_topic=dlq_topic,
+    )
+
+
+@app.command("audit-logger")
+def audit_logger(
+    config: Path | None = CONFIG_OPTION,
+    health_port: int = HEALTH_PORT_OPTION,
+    metrics_port: int = METRICS_PORT_OPTION,
+    listen_host: str = LISTEN_HOST_OPTION,
+    batch_size: int | None = BATCH_SIZE_OPTION,
+    log_level: str = LOG_LEVEL_OPTION,
+    group: str | None = GROUP_OPTION,
+    topic: str | None = TOPIC_OPTION,
+    dlq_topic: str = DLQ_TOPIC_OPTION,
+) -> None:
+    """Audit events from the bus into the hash-chained audit log, each once (group audit-logger-group)."""
+    _run_consumer(
+        "audit-logger",
+        config,
+        health_port=health_port,
+        metrics_port=metrics_port,
+        listen_host=listen_host,
+        batch_size=batch_size,
+        log_level=log_level,
+        group=group,
+        topic=topic,
+        dlq_topic=dlq_topic,
+    )
 
 
 @app.command("version")

@@ -6,6 +6,7 @@ import typer
 
 from caracal_ops.cli.context import EXIT_FAILED, fail, state
 from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_block, emit_json, emit_table
+from caracal_ops.cli.procedures import DRY_RUN_OPTION, EXECUTE_OPTION, YES_OPTION
 from caracald.admin import database as db_admin
 from caracald.store import embedded
 from caracald.store.connect import resolve_url
@@ -116,3 +117,39 @@ def stop(ctx: typer.Context) -> None:
         typer.echo(f"Embedded PostgreSQL in {cli.config.embedded.data_dir} stopped.")
     else:
         typer.echo("Embedded PostgreSQL is not running.")
+
+
+@app.command("rotate-password")
+def rotate_password(
+    ctx: typer.Context,
+    role: str | None = typer.Option(None, "--role", help="The role (default: the database URL's user)."),
+    no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart the running daemons."),
+    execute_it: bool = EXECUTE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+) -> None:
+    """Give the PostgreSQL role a new random password, write it to database.password_file (atomically,
+    mode 0600) and restart the running daemons. Prints the plan only, unless --execute or --yes."""
+    from caracal_ops.cli.procedures import run_plan
+    from caracal_ops.cli.services import platform
+    from caracal_ops.procedures import rotation
+
+    cli = state(ctx)
+    url = resolve_url(cli.config)
+    rotation_plan = rotation.plan_db_rotate_password(
+        cli.config, url, lambda: platform(cli), role=role, restart=not no_restart
+    )
+    report = run_plan(
+        ctx,
+        rotation_plan.plan,
+        execute_it=execute_it or yes,
+        dry_run=dry_run,
+        yes=yes,
+        audit=rotation.FollowingAuditSink(rotation_plan.current_url, cli.who),
+    )
+    if report is None:
+        return
+    for step in report.steps:
+        if step.summary:
+            typer.echo(step.summary)
+    typer.echo("Password rotated. The new password is only in the secret file.")

@@ -7,6 +7,7 @@ import typer
 from caracal_ops import kafka_admin
 from caracal_ops.cli.context import state
 from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_block, emit_json, emit_table
+from caracal_ops.cli.procedures import DRY_RUN_OPTION, EXECUTE_OPTION, YES_OPTION
 
 app = typer.Typer(
     help="Kafka: topics, brokers and consumer lag (distributed deployment).", no_args_is_help=True
@@ -169,3 +170,32 @@ def create_topics(
     )
     for name, outcome in results.items():
         typer.echo(f"{name}: {outcome}")
+
+
+@app.command("rotate-credentials")
+def rotate_credentials(
+    ctx: typer.Context,
+    user: str | None = typer.Option(None, "--user", help="The SASL user (default: kafka.sasl_username)."),
+    no_restart: bool = typer.Option(False, "--no-restart", help="Do not restart the running daemons."),
+    execute_it: bool = EXECUTE_OPTION,
+    dry_run: bool = DRY_RUN_OPTION,
+    yes: bool = YES_OPTION,
+) -> None:
+    """Give the SASL/SCRAM user a new random password on the brokers, write it to kafka.sasl_password_file
+    (atomically, mode 0600) and restart the running daemons. Prints the plan only, unless --execute or --yes.
+    Exits 1 when Kafka is not configured for SCRAM."""
+    from caracal_ops.cli.procedures import run_plan
+    from caracal_ops.cli.services import platform
+    from caracal_ops.procedures import rotation
+
+    cli = state(ctx)
+    plan = rotation.plan_kafka_rotate_credentials(
+        cli.config, lambda: platform(cli), user=user, restart=not no_restart
+    )
+    report = run_plan(ctx, plan, execute_it=execute_it or yes, dry_run=dry_run, yes=yes)
+    if report is None:
+        return
+    for step in report.steps:
+        if step.summary:
+            typer.echo(step.summary)
+    typer.echo("Kafka credentials rotated. The new password is only in the secret file.")

@@ -102,14 +102,19 @@ def _register() -> None:
         agent,
         allowlist,
         audit,
+        backup,
         budget,
         config_cmd,
         db,
+        emergency,
         kafka,
         ledger,
         merkle,
         policy,
         pricebook,
+        services,
+        snapshot,
+        status,
     )
 
     app.add_typer(agent.app, name="agent")
@@ -123,6 +128,16 @@ def _register() -> None:
     app.add_typer(db.app, name="db")
     app.add_typer(kafka.app, name="kafka")
     app.add_typer(config_cmd.app, name="config")
+    app.add_typer(backup.app, name="backup")
+    app.add_typer(services.app, name="services")
+    app.command("logs")(services.logs)
+    app.add_typer(snapshot.app, name="snapshot")
+    app.command("status")(status.status)
+    app.add_typer(emergency.app, name="emergency")
+    from caracal_ops.cli import dlq, replay  # the event pipeline's operations
+
+    app.add_typer(dlq.app, name="dlq")
+    app.add_typer(replay.app, name="replay")
 
 
 _register()

@@ -38,7 +38,9 @@ with ``HINCRBY`` (64-bit, exact); Lua compares them as doubles, exact below 2**5
 amount or limit may exceed ``MAX_SAFE_UNITS`` (about 90 million USD at 8 decimals).
 
 ``settle`` takes one round trip when this instance admitted the hold (it remembers the hold's
-counters), two otherwise. ``expire_due`` must run periodically (every few seconds) somewhere: until it
+counters), two otherwise. The admissions and settlements a process starts in the same turn of its event
+loop share their round trip: they go out as one pipeline (one write on one connection; each script still
+runs atomically on its own). ``expire_due`` must run periodically (every few seconds) somewhere: until it
 does, an abandoned hold keeps counting against its budgets (the safe side), and its record stays.
 
 Any Redis failure (connection refused or lost, timeout, read-only replica, out of memory, script error)
@@ -48,6 +50,7 @@ twice; a retried admission whose first attempt did run answers ``replayed=True``
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
@@ -56,7 +59,8 @@ from typing import Any, Final, TypeVar
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from caracald.budget.base import (
     Admission,
@@ -332,6 +336,65 @@ def _seconds(span: timedelta) -> int:
     return max(1, -(-span // timedelta(seconds=1)))
 
 
+_Call = tuple[AsyncScript, list[str], list[str], "asyncio.Future[Any]"]
+
+
+class _ScriptBatcher:
+    """Script calls made in the same turn of the event loop, sent together as one pipeline (``EVALSHA`` each,
+    not a transaction): one write and one round trip on one connection however many there are. A script
+    Redis no longer knows (it restarted) is loaded again and run on its own."""
+
+    def __init__(self, client: Redis, *, max_batch: int = 512) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._pending: list[_Call] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def call(self, script: AsyncScript, keys: list[str], args: list[str]) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((script, keys, args, future))
+        return future
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(batch), self._max_batch):
+            task = loop.create_task(self._send(batch[start : start + self._max_batch]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Call]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for script, keys, args, _ in batch:
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except asyncio.CancelledError:
+            for *_, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:
+            for *_, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (script, keys, args, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue
+            if isinstance(reply, NoScriptError):
+                try:
+                    reply = await script(keys=keys, args=args)
+                except Exception as exc:
+                    reply = exc
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+
+
 class RedisBudget:
     """``BudgetBackend`` over ``redis.asyncio``: atomic Lua scripts shared by every gateway replica."""
 
@@ -345,6 +408,7 @@ class RedisBudget:
         clock: Callable[[], datetime] = _utcnow,
         owns_client: bool = False,
         settle_cache_size: int = 10_000,
+        pipelining: bool = True,
     ) -> None:
         if not namespace or any(c in namespace for c in "{} "):
             raise ValidationError(
@@ -365,6 +429,9 @@ class RedisBudget:
         self._settle_script = client.register_script(SETTLE_LUA)
         self._expire_script = client.register_script(EXPIRE_LUA)
         self._rebuild_script = client.register_script(REBUILD_LUA)
+        # Admissions and settlements started in one turn of the event loop share a pipeline (not through a
+        # cluster client, whose pipelines work differently).
+        self._batcher = _ScriptBatcher(client) if pipelining and type(client) is Redis else None
         # The counters each hold admitted here sits on, so settling it takes one round trip.
         self._settle_keys: dict[uuid.UUID, list[str]] = {}
         self._settle_cache_size = settle_cache_size
@@ -416,6 +483,11 @@ class RedisBudget:
             detail = str(exc) or type(exc).__name__
             raise BudgetUnavailableError(f"the budget counters (Redis) are unavailable: {detail}") from exc
 
+    def _script(self, script: AsyncScript, keys: list[str], args: list[str]) -> Awaitable[Any]:
+        if self._batcher is None:
+            return script(keys=keys, args=args)
+        return self._batcher.call(script, keys, args)
+
     def _remember(self, request_id: uuid.UUID, keys: list[str]) -> None:
         if len(self._settle_keys) >= self._settle_cache_size:
             self._settle_keys.pop(next(iter(self._settle_keys)))
@@ -457,7 +529,7 @@ class RedisBudget:
         for check in checks:
             args.extend(self._check_args(check, now, request.hold_ttl))
         keys = [self.request_key(request.request_id), self.holds_key, self.loaded_key, *counters]
-        reply = [_text(part) for part in await self._run(self._admit_script(keys=keys, args=args))]
+        reply = [_text(part) for part in await self._run(self._script(self._admit_script, keys, args))]
         amount = request.amount
         match reply:
             case ["held"]:
@@ -502,7 +574,7 @@ class RedisBudget:
         args = [str(request_id), str(units), actual.currency, self._decision_seconds, self._fallback_seconds]
         for _attempt in range(2):
             keys = [self.request_key(request_id), self.holds_key, *counters]
-            reply = [_text(part) for part in await self._run(self._settle_script(keys=keys, args=args))]
+            reply = [_text(part) for part in await self._run(self._script(self._settle_script, keys, args))]
             match reply:
                 case ["settled", held, state]:
                     correction = (

@@ -68,6 +68,9 @@ class Record:
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     #: When the bus stored the record (Kafka: the message timestamp; event log: ``produced_at``).
     timestamp: datetime | None = None
+    #: Which ownership of its partition the consumer read it under (event log: a commit of records read
+    #: before the partition was re-claimed, e.g. after an offset reset, is refused). Not part of equality.
+    epoch: int = field(default=0, compare=False)
 
     def header(self, name: str) -> bytes | None:
         """The last value of header ``name`` (None when absent)."""

@@ -35,11 +35,11 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Literal
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import dict_row, tuple_row
 
 from caracald.bus.base import (
     BusUnavailableError,
@@ -247,6 +247,11 @@ class PgLogConsumer:
         self._lock_retry = lock_retry_seconds
         self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
         self._positions: dict[str, int] = {}  # owned topic -> next offset to read
+        # owned topic -> the offset this consumer last saw committed (None: no row yet); a commit expects it
+        self._committed: dict[str, int | None] = {}
+        # owned topic -> the claim its records are read under (see Record.epoch)
+        self._epochs: dict[str, int] = {}
+        self._epoch = 0
         self._last_lock_attempt = 0.0
         self._next_topic = 0
 
@@ -261,9 +266,14 @@ class PgLogConsumer:
 
     # -- connection and ownership
 
+    def _forget_all(self) -> None:
+        self._positions.clear()
+        self._committed.clear()
+        self._epochs.clear()
+
     def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
         if self._conn is None or self._conn.closed:
-            self._positions.clear()
+            self._forget_all()
             try:
                 conn = psycopg.connect(
                     self.url,
@@ -283,7 +293,7 @@ class PgLogConsumer:
         if self._conn is not None:
             self._conn.close()
         self._conn = None
-        self._positions.clear()
+        self._forget_all()
         return BusUnavailableError(f"the event log is unavailable: {_first_line(exc)}")
 
     def _claim_topics(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -308,6 +318,9 @@ class PgLogConsumer:
                 "WHERE consumer_group = %s AND topic = %s AND partition = %s",
                 (self._group, topic, PARTITION),
             ).fetchone()
+            self._committed[topic] = int(committed[0]) if committed is not None else None
+            self._epoch += 1
+            self._epochs[topic] = self._epoch
             if committed is not None:
                 self._positions[topic] = int(committed[0])
             elif self.start == "latest":
@@ -360,6 +373,7 @@ class PgLogConsumer:
                 "WHERE topic = %s AND log_offset >= %s ORDER BY log_offset LIMIT %s",
                 (topic, self._positions[topic], room),
             ).fetchall()
+            epoch = self._epochs[topic]
             for offset, key, payload, headers, produced_at in rows:
                 records.append(
                     Record(
@@ -370,6 +384,7 @@ class PgLogConsumer:
                         bytes(payload),
                         decode_headers(headers),
                         produced_at,
+                        epoch,
                     )
                 )
             if rows:
@@ -378,34 +393,67 @@ class PgLogConsumer:
         return records
 
     def commit(self, records: Sequence[Record]) -> None:
-        positions = next_offsets(records)
-        if not positions:
-            return
-        foreign = [topic for topic, _ in positions if topic not in self._positions]
-        if foreign:
+        """Commit what ``records`` read, per topic, over the offset this consumer last saw committed.
+
+        Refused (:class:`CommitFailedError`, the records will be read again) for a topic this consumer no
+        longer owns, for records read before it re-claimed their topic, and for a topic whose committed
+        offset someone else changed (an offset reset for a replay): then the topic is read again from the
+        offset committed now. The topics that pass are committed in any case.
+        """
+        current = [r for r in records if self._epochs.get(r.topic) == r.epoch]
+        refused = sorted({r.topic for r in records} - {r.topic for r in current})
+        positions = next_offsets(current)
+        fenced: list[str] = []
+        if positions:
+            conn = self._conn
+            if conn is None or conn.closed:
+                raise CommitFailedError("the event-log connection was lost; the records will be read again")
+            try:
+                with conn.transaction():
+                    for (topic, partition), offset in positions.items():
+                        row = conn.execute(
+                            """
+                            INSERT INTO consumer_offsets AS o
+                                   (consumer_group, topic, partition, committed_offset)
+                            VALUES (%s, %s, %s, %s)
+                            ON CONFLICT (consumer_group, topic, partition)
+                            DO UPDATE SET committed_offset = EXCLUDED.committed_offset, committed_at = now()
+                            WHERE o.committed_offset IS NOT DISTINCT FROM %s::bigint
+                            RETURNING committed_offset
+                            """,
+                            (self._group, topic, partition, offset, self._committed.get(topic)),
+                        ).fetchone()
+                        if row is None:
+                            fenced.append(topic)
+            except psycopg.Error as exc:
+                self._broken(exc)
+                raise CommitFailedError(f"cannot commit offsets: {_first_line(exc)}") from None
+            for (topic, _partition), offset in positions.items():
+                if topic not in fenced:
+                    self._committed[topic] = offset
+        for topic in fenced:
+            # Read it again from what is committed now, under a new claim.
+            self._release(topic)
+        if fenced:
+            self._last_lock_attempt = 0.0
             raise CommitFailedError(
-                f"consumer group {self._group} no longer owns {', '.join(sorted(foreign))}"
+                f"the offsets of group {self._group} on {', '.join(sorted(fenced))} were changed by "
+                "someone else (an offset reset?); reading again from the offset committed now"
             )
-        conn = self._conn
-        if conn is None or conn.closed:
-            raise CommitFailedError("the event-log connection was lost; the records will be read again")
-        try:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    """
-                    INSERT INTO consumer_offsets (consumer_group, topic, partition, committed_offset)
-                    VALUES (%s, %s, %s, %s)
-                    ON CONFLICT (consumer_group, topic, partition)
-                    DO UPDATE SET committed_offset = EXCLUDED.committed_offset, committed_at = now()
-                    """,
-                    [
-                        (self._group, topic, partition, offset)
-                        for (topic, partition), offset in positions.items()
-                    ],
-                )
-        except psycopg.Error as exc:
-            self._broken(exc)
-            raise CommitFailedError(f"cannot commit offsets: {_first_line(exc)}") from None
+        if refused:
+            raise CommitFailedError(
+                f"consumer group {self._group} read these records of {', '.join(refused)} under an "
+                "earlier claim (it no longer owns the topic, or re-claimed it since); they will be read again"
+            )
+
+    def _release(self, topic: str) -> None:
+        """Forget a topic's position (it is claimed again, from the committed offset, on the next poll).
+
+        The session's advisory lock is kept: taking it again on the next claim just nests it.
+        """
+        self._positions.pop(topic, None)
+        self._committed.pop(topic, None)
+        self._epochs.pop(topic, None)
 
     def seek(self, topic: str, offset: int) -> None:
         """Read ``topic`` from ``offset`` on (the topic must be owned; see :attr:`assignment`)."""
@@ -441,7 +489,7 @@ class PgLogConsumer:
         if self._conn is not None:
             self._conn.close()  # ends the session, and with it the group locks
             self._conn = None
-        self._positions.clear()
+        self._forget_all()
 
 
 def committed_offsets(conn: psycopg.Connection[Any], group: str) -> dict[tuple[str, int], int]:
@@ -465,6 +513,79 @@ def reset_offsets(conn: psycopg.Connection[Any], group: str, topic: str, offset:
         """,
         (group, topic, PARTITION, offset),
     )
+
+
+def end_offset(conn: psycopg.Connection[Any], topic: str) -> int:
+    """The offset the next record of ``topic`` will have at least: one past the newest (0 when empty)."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT max(log_offset) FROM event_log WHERE topic = %s", (topic,)).fetchone()
+    return int(row[0]) + 1 if row and row[0] is not None else 0
+
+
+def offset_for_time(conn: psycopg.Connection[Any], topic: str, at: datetime) -> int:
+    """The first offset of ``topic`` produced at or after ``at`` (Kafka's ``offsets_for_times``); the end
+    offset when every record is older."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT min(log_offset) FROM event_log WHERE topic = %s AND produced_at >= %s", (topic, at)
+        ).fetchone()
+    if row and row[0] is not None:
+        return int(row[0])
+    return end_offset(conn, topic)
+
+
+def pending_count(conn: psycopg.Connection[Any], topic: str, offset: int) -> int:
+    """Records of ``topic`` at or after ``offset``."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT count(*) FROM event_log WHERE topic = %s AND log_offset >= %s", (topic, offset)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _lock_name(group: str, topic: str) -> str:
+    return f"{group}\x1f{topic}"
+
+
+def group_members(conn: psycopg.Connection[Any], group: str, topic: str) -> list[dict[str, Any]]:
+    """The sessions holding ``group``'s lock on ``topic``: its live consumer (one at most), as
+    ``{"pid", "application_name", "client_addr", "backend_start"}``."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            """
+            SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr, a.backend_start
+              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+             WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+               AND l.classid = %s::int4::oid AND l.objid = hashtext(%s)::oid
+             ORDER BY a.pid
+            """,
+            (CONSUMER_LOCK_CLASS, _lock_name(group, topic)),
+        ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def try_lock_group(conn: psycopg.Connection[Any], group: str, topic: str) -> bool:
+    """Take ``group``'s consumer lock on ``topic`` for this session, as a consumer would: no consumer of
+    the group can read the topic until :func:`unlock_group` (or the session ends). False when one does."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (CONSUMER_LOCK_CLASS, _lock_name(group, topic))
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def unlock_group(conn: psycopg.Connection[Any], group: str, topic: str) -> None:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            "SELECT pg_advisory_unlock(%s, hashtext(%s))", (CONSUMER_LOCK_CLASS, _lock_name(group, topic))
+        )
+
+
+def groups(conn: psycopg.Connection[Any]) -> list[str]:
+    """Every consumer group that committed an offset on the event log."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute("SELECT DISTINCT consumer_group FROM consumer_offsets ORDER BY 1").fetchall()
+    return [str(r[0]) for r in rows]
 
 
 def prune(conn: psycopg.Connection[Any], retention: timedelta) -> int:

@@ -466,6 +466,9 @@ class LedgerWriter:
         self._next_dlq_stats = 0.0
         self._errors = metrics.CONSUMER_ERRORS
         self._records = metrics.CONSUMER_RECORDS
+        #: Called on every turn of the loop (also while it waits out an outage): the daemon feeds systemd's
+        #: watchdog from it (see caracald.runtime.daemon).
+        self.on_beat: Callable[[], None] | None = None
 
     # -- control
 
@@ -499,6 +502,8 @@ class LedgerWriter:
 
     def _beat(self) -> None:
         self.health.last_heartbeat = time.time()
+        if self.on_beat is not None:
+            self.on_beat()
 
     def _wait(self, seconds: float) -> None:
         """Sleep (in slices, so that the heartbeat goes on); raise :class:`Abandoned` when stopping."""

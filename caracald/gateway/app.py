@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from caracald.budget.base import BudgetBackend
 from caracald.gateway.billing import Billing
@@ -135,15 +136,51 @@ def create_app(deps: GatewayDeps) -> Starlette:
             if state.metrics_server is not None:
                 state.metrics_server.stop()
 
+    endpoints = {
+        name: gateway.endpoint(name) for name in ("openai", "anthropic", "named", "proxy", "unknown")
+    }
     routes = [
         Route("/health", health.health, methods=["GET"]),
         Route("/stats", health.stats, methods=["GET"]),
-        Route("/openai/{path:path}", gateway.endpoint("openai")),
-        Route("/anthropic/{path:path}", gateway.endpoint("anthropic")),
-        Route("/u/{name}/{path:path}", gateway.endpoint("named")),
-        Route("/proxy", gateway.endpoint("proxy")),
-        Route("/{path:path}", gateway.endpoint("unknown")),
+        Route("/openai/{path:path}", endpoints["openai"]),
+        Route("/anthropic/{path:path}", endpoints["anthropic"]),
+        Route("/u/{name}/{path:path}", endpoints["named"]),
+        Route("/proxy", endpoints["proxy"]),
+        Route("/{path:path}", endpoints["unknown"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = GatewayApp(endpoints, routes=routes, lifespan=lifespan)
     app.state.gateway = state
     return app
+
+
+class GatewayApp(Starlette):
+    """Starlette, except that proxied requests skip its middleware and router and go straight to the gateway's
+    endpoints, which answer every outcome (errors included) themselves. The routes above say the same; only
+    ``/health``, ``/stats`` and the lifespan still go through Starlette."""
+
+    def __init__(self, endpoints: dict[str, ASGIApp], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._endpoints = endpoints
+
+    def _endpoint(self, path: str) -> ASGIApp | None:
+        if path.startswith("/openai/"):
+            return self._endpoints["openai"]
+        if path.startswith("/anthropic/"):
+            return self._endpoints["anthropic"]
+        if path.startswith("/u/"):
+            name, slash, _ = path[3:].partition("/")
+            return self._endpoints["named" if name and slash else "unknown"]
+        if path == "/proxy":
+            return self._endpoints["proxy"]
+        if path in ("/health", "/stats"):
+            return None
+        return self._endpoints["unknown"]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            endpoint = self._endpoint(scope["path"])
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)

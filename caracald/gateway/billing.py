@@ -1,8 +1,12 @@
 """Holds and their settlement: the budget backend's decisions, and the metering events that record them.
 
 * ``admit`` reserves the hold on every scope at once (402 when any cannot take it, 503 when the backend is
-  unreachable) and emits the reservation event before anything is forwarded; when that event cannot be
-  delivered the hold is released and the request refused (503): no call goes out unrecorded.
+  unreachable); ``record_reservation`` then emits the reservation event. The gateway sends the call while that
+  event is on its way and waits for it to be durable (acknowledged by the bus, or spooled) before anything
+  of the answer goes back; when it cannot be delivered the request is refused (503) and the hold charged
+  (``refuse_unrecorded``). After such a failure, and until an event is delivered again, the gateway waits for
+  each reservation event before it forwards the call, and releases the hold when it fails: while the sink
+  fails, no call goes out unrecorded.
 * ``settle`` replaces the hold by the actual cost and emits the settlement, or an adjustment when the hold had
   already expired (the expiry charged the hold; the adjustment corrects it to the actual cost). A settlement
   the backend does not take after a few tries is left to expiry, which charges the hold: the safe direction.
@@ -22,7 +26,7 @@ import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from caracald.budget.base import AdmissionRequest, BudgetBackend, Scope
 from caracald.core.agents import Agent
@@ -37,6 +41,8 @@ from caracald.gateway.pricing import Priced
 from caracald.gateway.sinks import EventSink
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _SETTLE_RETRIES = (0.05, 0.25, 1.0)
 
@@ -74,13 +80,31 @@ class Billing:
         self.clock = clock
         self.hold_ttl = hold_ttl
         self.holds_in_flight = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: False once a reservation event could not be delivered, True again after one was: while False, the
+        #: gateway waits for each reservation event before it forwards the call.
+        self.sink_healthy = True
+        self._tasks: set[asyncio.Task[Any]] = set()
+        metrics.holds_in_flight.set_function(lambda: self.holds_in_flight)
+        self._admitted_evaluations = metrics.policy_evaluations.labels("admitted")
+        self._denied_evaluations = metrics.policy_evaluations.labels("denied")
 
     # -- admission ------------------------------------------------------------------------------------
 
     async def admit(
-        self, request_id: uuid.UUID, agent: Agent, scopes: tuple[Scope, ...], priced: Priced, resource: str
+        self,
+        request_id: uuid.UUID,
+        agent: Agent,
+        scopes: tuple[Scope, ...],
+        priced: Priced,
+        resource: str,
+        *,
+        final: bool = True,
     ) -> Hold:
+        """Reserve the hold on every scope (402 when any cannot take it, 503 when the backend is unreachable).
+
+        No event yet: :meth:`record_reservation` emits it. ``final=False`` marks an attempt the caller may
+        repeat with a smaller hold: its refusal is not counted as a policy evaluation.
+        """
         at = self.clock()
         started = time.perf_counter()
         try:
@@ -94,26 +118,48 @@ class Billing:
             raise Denied(503, "budget_unavailable", "the budget service is unavailable") from None
         finally:
             self.metrics.admission_latency.observe(time.perf_counter() - started)
-        self.metrics.policy_evaluations.labels("admitted" if admission.admitted else "denied").inc()
         if not admission.admitted:
+            if final:
+                self._denied_evaluations.inc()
             scope = admission.denied_scope
             which = f" (policy {scope.policy_id})" if scope else ""
             raise Denied(
                 402, "budget_exhausted", f"the budget cannot take {priced.hold.format(exact=True)}{which}"
             )
+        self._admitted_evaluations.inc()
         hold = Hold(request_id, agent, scopes, priced, resource, at, time.monotonic())
         self.holds_in_flight += 1
-        self.metrics.holds_in_flight.set(self.holds_in_flight)
-        try:
-            await self.sink.emit(
-                self._event(hold, LedgerEventType.RESERVATION, Money.zero(priced.hold.currency))
-            )
-        except Exception as exc:
-            log.error("reservation event for %s not delivered: %s", request_id, exc)
-            self.metrics.emit_failures.labels("reservation").inc()
-            await self.settle(hold, Money.zero(priced.hold.currency), None, {}, record=False)
-            raise Denied(503, "event_sink_unavailable", "metering is unavailable") from None
         return hold
+
+    def record_reservation(self, hold: Hold) -> asyncio.Task[bool]:
+        """Emit the hold's reservation event in the background; the task answers whether it is durable
+        (acknowledged by the bus, spooled, or written), and ``sink_healthy`` follows the last answer."""
+        return self.spawn(self._record_reservation(hold))
+
+    async def _record_reservation(self, hold: Hold) -> bool:
+        event = self._event(hold, LedgerEventType.RESERVATION, Money.zero(hold.priced.hold.currency))
+        try:
+            await self.sink.emit(event)
+        except Exception as exc:
+            log.error("reservation event for %s not delivered: %s", hold.request_id, exc)
+            self.metrics.emit_failures.labels("reservation").inc()
+            self.sink_healthy = False
+            return False
+        self.sink_healthy = True
+        return True
+
+    async def refuse_unrecorded(self, hold: Hold, *, forwarded: bool) -> Denied:
+        """The reservation event of ``hold`` was not delivered: settle it and return the 503 to answer.
+
+        Not forwarded: the hold is released (nothing was spent, nothing is recorded). Forwarded (the event was
+        in flight while the call went out): the provider may have done the work, so the hold is charged and
+        its settlement recorded (the safe direction, as for a provider that did not answer in time).
+        """
+        if forwarded:
+            await self.settle(hold, hold.priced.hold, None, {"reservation_undelivered": True})
+        else:
+            await self.settle(hold, Money.zero(hold.priced.hold.currency), None, {}, record=False)
+        return Denied(503, "event_sink_unavailable", "metering is unavailable")
 
     # -- settlement -----------------------------------------------------------------------------------
 
@@ -125,7 +171,6 @@ class Billing:
             return
         hold.settled = True
         self.holds_in_flight -= 1
-        self.metrics.holds_in_flight.set(self.holds_in_flight)
         self.metrics.hold_age.observe(time.monotonic() - hold.admitted_mono)
         if cost > hold.priced.hold:
             self.metrics.hold_exceeded.inc()
@@ -200,7 +245,7 @@ class Billing:
 
     # -- plumbing -------------------------------------------------------------------------------------
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``coro`` in the background; ``drain`` waits for it at shutdown."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)

@@ -36,6 +36,9 @@ CacheState = Literal["ok", "degraded", "unavailable"]
 #: Delegation chains deeper than this are cut (the store refuses cycles; this guards against them anyway).
 MAX_CHAIN_DEPTH = 64
 
+#: Allowlist decisions one snapshot remembers (then it forgets them all and starts again).
+ALLOW_CACHE_SIZE = 10_000
+
 
 class SnapshotSource(Protocol):
     """Store access for the cache: one consistent read of everything (blocking; run in a thread)."""
@@ -61,6 +64,7 @@ class Snapshot:
     pricebook: Pricebook
     loaded_at: datetime
     _scopes: dict[uuid.UUID, tuple[Scope, ...]] = field(default_factory=dict, repr=False, compare=False)
+    _allowed: dict[tuple[uuid.UUID, str], bool] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, raw: StoreSnapshot, loaded_at: datetime) -> Snapshot:
@@ -111,6 +115,21 @@ class Snapshot:
 
     def allowlist(self, agent_id: uuid.UUID) -> Allowlist:
         return self.allowlists.get(agent_id) or Allowlist()
+
+    def allows(self, agent_id: uuid.UUID, url: str) -> bool:
+        """Whether the agent's allowlist allows ``url`` (``ValidationError`` when it is not a full URL).
+
+        Decisions are remembered for the life of this snapshot (a reload starts afresh), up to
+        ``ALLOW_CACHE_SIZE`` of them: an agent calls the same few endpoints over and over.
+        """
+        key = (agent_id, url)
+        allowed = self._allowed.get(key)
+        if allowed is None:
+            allowed = self.allowlist(agent_id).allows(url)
+            if len(self._allowed) >= ALLOW_CACHE_SIZE:
+                self._allowed.clear()
+            self._allowed[key] = allowed
+        return allowed
 
     def sizes(self) -> dict[str, int]:
         return {

@@ -328,7 +328,6 @@ def plan_tokens(kind: EndpointKind, body: bytes, pricebook: Pricebook, at: datet
 
 def finish_tokens(plan: TokenPlan, remaining: Money | None, default_max_output_tokens: int) -> Priced:
     """Clamp (or set) the output limit to what ``remaining`` affords, and size the hold."""
-    payload = dict(plan.payload)
     price = bounding_price(plan.price)
     limit: int | None = None
     if plan.kind is not EndpointKind.EMBEDDINGS:
@@ -343,8 +342,30 @@ def finish_tokens(plan: TokenPlan, remaining: Money | None, default_max_output_t
         per_choice = max_output_tokens_affordable(price, remaining, plan.input_bound) // plan.choices
         if per_choice < 1:
             raise Denied(402, "budget_exhausted", "the remaining budget cannot pay for this request")
-        wanted = default_max_output_tokens if plan.requested_output is None else plan.requested_output
-        limit = min(wanted, per_choice)
+        limit = min(_wanted_output(plan, default_max_output_tokens), per_choice)
+    return _priced(plan, price, limit)
+
+
+def unclamped_tokens(plan: TokenPlan, default_max_output_tokens: int) -> Priced:
+    """The request as asked: the output limit set when absent, but not clamped to any budget.
+
+    What the gateway tries to admit first: when the budget takes this hold, the clamp of
+    :func:`finish_tokens` would have changed nothing (the budget affords the whole output limit), so the
+    remaining budget need not be read. Only a refused hold calls for the clamp.
+    """
+    limit = None if plan.kind is EndpointKind.EMBEDDINGS else _wanted_output(plan, default_max_output_tokens)
+    return _priced(plan, bounding_price(plan.price), limit)
+
+
+def _wanted_output(plan: TokenPlan, default_max_output_tokens: int) -> int:
+    return default_max_output_tokens if plan.requested_output is None else plan.requested_output
+
+
+def _priced(plan: TokenPlan, price: TokenPrice, limit: int | None) -> Priced:
+    # The body is always serialised again from the parsed payload, never forwarded as sent: the provider must
+    # read exactly what was priced (duplicate keys, UTF-16 bodies and the like read differently elsewhere).
+    payload = dict(plan.payload)
+    if limit is not None:
         fields = _OUTPUT_FIELDS[plan.kind]
         present = [name for name in fields if payload.get(name) is not None]
         for name in present or fields[:1]:

@@ -28,8 +28,10 @@ from typing import Any
 import aiohttp
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as AsgiScope
 
+from caracald.budget.base import Scope
 from caracald.core.errors import CurrencyMismatchError, ValidationError
 from caracald.core.money import Money
 from caracald.core.pricebook import TokenUsage, token_cost
@@ -42,11 +44,13 @@ from caracald.gateway.metrics import GatewayMetrics
 from caracald.gateway.pricing import (
     EndpointKind,
     Priced,
+    TokenPlan,
     endpoint_kind,
     finish_tokens,
     parse_json_object,
     plan_tokens,
     price_request,
+    unclamped_tokens,
 )
 from caracald.gateway.relay import Relay, RelayOutcome
 from caracald.gateway.routing import TARGET_HEADER, Target, resolve_generic, resolve_named, route_flavor
@@ -78,15 +82,38 @@ class _Endpoint:
         self.gateway = gateway
         self.route = route
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
         response = await self.gateway.handle(Request(scope, receive), self.route)
         await response(scope, receive, send)
 
 
+def _raw_path(scope: AsgiScope) -> str:
+    """The path as the client encoded it (ASGI ``raw_path``; the decoded path when a server gives none)."""
+    raw: bytes | None = scope.get("raw_path")
+    return (raw if raw is not None else scope["path"].encode()).decode("latin-1")
+
+
+class _Answer:
+    """A complete answer, sent as it is (a raw ASGI response: no header processing on the way out)."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
+
+
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
+    for name, value in request.scope["headers"]:
+        if name == b"content-length" or name.lower() == b"content-length":
+            if value.isdigit() and int(value) > limit:
+                raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
+            break
     body = bytearray()
     try:
         async for chunk in request.stream():
@@ -117,6 +144,8 @@ class Gateway:
         self.metrics = metrics
         self.clock = clock
         self.session = session
+        #: (route label, status) -> its request counter and duration histogram.
+        self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
 
     def endpoint(self, route: str) -> ASGIApp:
         return _Endpoint(self, route)
@@ -124,8 +153,9 @@ class Gateway:
     # -- the request path -----------------------------------------------------------------------------
 
     async def handle(self, request: Request, route: str) -> ASGIApp:
-        raw_path = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
-        call = _Call(uuid.uuid4(), route, route_flavor(self.config, raw_path), time.perf_counter())
+        call = _Call(
+            uuid.uuid4(), route, route_flavor(self.config, _raw_path(request.scope)), time.perf_counter()
+        )
         try:
             return await self._handle(request, call)
         except Denied as denied:
@@ -146,12 +176,13 @@ class Gateway:
         if call.route == "proxy":
             values = [v.decode("latin-1") for k, v in request.scope["headers"] if k.lower() == TARGET_HEADER]
             return resolve_generic(self.config, values)
-        raw = request.scope.get("raw_path", request.url.path.encode()).decode("latin-1")
+        raw = _raw_path(request.scope)
+        query = request.scope.get("query_string", b"").decode("latin-1")
         if call.route == "named":
-            _, _, name, *rest = raw.split("/", 3)
-            return resolve_named(self.config, name, rest[0] if rest else "", request.url.query)
+            _, _, name, *below = raw.split("/", 3)
+            return resolve_named(self.config, name, below[0] if below else "", query)
         rest = raw.split("/", 2)[2] if raw.count("/") >= 2 else ""
-        return resolve_named(self.config, call.route, rest, request.url.query)
+        return resolve_named(self.config, call.route, rest, query)
 
     async def _handle(self, request: Request, call: _Call) -> ASGIApp:
         target = call.target = self._target(request, call)
@@ -163,7 +194,7 @@ class Gateway:
         agent = call.agent = identify(snapshot, extract_key(request.scope["headers"]))
         require_active(snapshot, agent)
         try:
-            allowed = snapshot.allowlist(agent.agent_id).allows(target.url)
+            allowed = snapshot.allows(agent.agent_id, target.url)
         except ValidationError as exc:
             raise Denied(400, "invalid_target", exc.message) from None
         if not allowed:
@@ -175,28 +206,58 @@ class Gateway:
             raise Denied(403, "no_policy", f"agent {agent.name} has no active budget policy")
         call.currency = scopes[0].limit.currency
         body = await read_body(request, self.config.max_body_bytes)
-        priced = await self._price(request.method, target, body, snapshot.pricebook, scopes)
-        call.hold = await self.billing.admit(call.request_id, agent, scopes, priced, target.resource)
-        call.hold.extra.update(route=call.route, method=request.method)
-        return await self._forward(request, call, call.hold)
+        plan, priced = self._price(request.method, target, body, snapshot.pricebook, scopes)
+        clampable = plan is not None and plan.kind is not EndpointKind.EMBEDDINGS
+        try:
+            hold = await self.billing.admit(
+                call.request_id, agent, scopes, priced, target.resource, final=not clampable
+            )
+        except Denied as denied:
+            if not clampable or denied.reason != "budget_exhausted":
+                raise
+            # Near the limit: clamp the output limit to what is left and try once more, under a new request
+            # id (the counters remember the first id's refusal).
+            assert plan is not None
+            call.request_id = uuid.uuid4()
+            priced = await self._clamped(plan, scopes)
+            hold = await self.billing.admit(call.request_id, agent, scopes, priced, target.resource)
+        call.hold = hold
+        hold.extra.update(route=call.route, method=request.method)
+        return await self._forward(request, call, hold)
 
-    async def _price(self, method: str, target: Target, body: bytes, pricebook: Any, scopes: Any) -> Priced:
+    def _price(
+        self, method: str, target: Target, body: bytes, pricebook: Any, scopes: tuple[Scope, ...]
+    ) -> tuple[TokenPlan | None, Priced]:
+        """The price to try first: token-priced calls with the output limit as asked (or the default), not
+        clamped to the budget (see :func:`~caracald.gateway.pricing.unclamped_tokens`)."""
         kind = endpoint_kind(target, method)
         now = self.clock()
         if kind.token_priced:
             plan = plan_tokens(kind, body, pricebook, now)
             if plan is not None:
-                remaining = None
                 if kind is not EndpointKind.EMBEDDINGS:
-                    try:
-                        remaining = await self.billing.budget.remaining(scopes, now)
-                    except CurrencyMismatchError as exc:
-                        raise Denied(422, "currency_mismatch", exc.message) from None
-                    except Exception as exc:
-                        log.error("budget unavailable: %s", exc)
-                        raise Denied(503, "budget_unavailable", "the budget service is unavailable") from None
-                return finish_tokens(plan, remaining, self.config.default_max_output_tokens)
-        return price_request(EndpointKind.REQUEST, target, body, pricebook, now)
+                    currency = plan.price.currency
+                    for scope in scopes:
+                        if scope.limit.currency != currency:
+                            raise Denied(
+                                422,
+                                "currency_mismatch",
+                                f"the budget is in {scope.limit.currency} but {plan.model} is priced in "
+                                f"{currency}",
+                            )
+                return plan, unclamped_tokens(plan, self.config.default_max_output_tokens)
+        return None, price_request(EndpointKind.REQUEST, target, body, pricebook, now)
+
+    async def _clamped(self, plan: TokenPlan, scopes: tuple[Scope, ...]) -> Priced:
+        """The output limit clamped to what the remaining budget affords (402 when nothing is)."""
+        try:
+            remaining = await self.billing.budget.remaining(scopes, self.clock())
+        except CurrencyMismatchError as exc:
+            raise Denied(422, "currency_mismatch", exc.message) from None
+        except Exception as exc:
+            log.error("budget unavailable: %s", exc)
+            raise Denied(503, "budget_unavailable", "the budget service is unavailable") from None
+        return finish_tokens(plan, remaining, self.config.default_max_output_tokens)
 
     async def _forward(self, request: Request, call: _Call, hold: Hold) -> ASGIApp:
         target = call.target
@@ -204,6 +265,11 @@ class Gateway:
         priced = hold.priced
         headers = upstream.upstream_headers(request.scope["headers"], target.upstream)
         zero = Money.zero(priced.hold.currency)
+        overlap = self.billing.sink_healthy
+        recorded = self.billing.record_reservation(hold)
+        if not overlap and not await recorded:
+            # The sink failed lately: no call goes out before its reservation event is durable.
+            raise await self.billing.refuse_unrecorded(hold, forwarded=False)
         call.forwarded = True
         try:
             response = await upstream.send(self.session(), request.method, target.url, headers, priced.body)
@@ -215,6 +281,10 @@ class Gateway:
             raise Denied(
                 502, "upstream_unavailable", f"the provider could not be reached ({type(exc).__name__})"
             ) from None
+        if not await recorded:
+            # The event was in flight while the call went out; nothing of the answer goes back unrecorded.
+            response.close()
+            raise await self.billing.refuse_unrecorded(hold, forwarded=True)
         out_headers = [*upstream.client_headers(response), (REQUEST_ID_HEADER, str(call.request_id))]
         is_stream = response.headers.get("content-type", "").lower().startswith("text/event-stream")
         if priced.token_price is not None and not is_stream:
@@ -254,9 +324,9 @@ class Gateway:
         extra = {"status": response.status, "usage_source": source}
         self.billing.spawn(self.billing.settle(hold, cost, usage, extra))
         self._observe(call, response.status)
-        answer = Response(body, status_code=response.status)
-        answer.raw_headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-        return answer
+        raw = [(b"content-length", str(len(body)).encode())]
+        raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
+        return _Answer(response.status, raw, body)
 
     async def _end_relay(
         self, call: _Call, hold: Hold, meter: StreamMeter | None, outcome: RelayOutcome
@@ -298,8 +368,15 @@ class Gateway:
         label = call.route
         if call.target is not None:
             label = call.target.upstream_name or "generic"
-        self.metrics.requests.labels(label, str(status)).inc()
-        self.metrics.duration.labels(label).observe(time.perf_counter() - call.started)
+        series = self._series.get((label, status))
+        if series is None:
+            metrics = self.metrics
+            series = self._series[label, status] = (
+                metrics.requests.labels(label, str(status)),
+                metrics.duration.labels(label),
+            )
+        series[0].inc()
+        series[1].observe(time.perf_counter() - call.started)
 
     def _deny(self, call: _Call, denied: Denied) -> Response:
         self.metrics.denials.labels(denied.reason).inc()

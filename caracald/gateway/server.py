@@ -3,20 +3,25 @@
 * Budget: ``budget.backend: local`` runs the in-process counters, seeded at start from the ledger's charges
   of the last 32 days (every calendar or rolling window is shorter), so a restart does not forget spend;
   ``redis`` shares them with every replica (``redis.url``).
-* Events: with ``bus.kind: kafka`` they go to Kafka, through the local spool when ``bus.spool_dir`` is set;
-  otherwise straight into the PostgreSQL ledger (:class:`~caracald.gateway.sinks.LedgerSink`).
+* Events: with ``bus.kind: kafka`` they go to Kafka, otherwise to the event log in PostgreSQL, through the
+  local spool when ``bus.spool_dir`` is set; the ledger writer applies them (``caracald up`` runs it, and the
+  audit logger, in process).
 * The deny-all switch is read from PostgreSQL, and from Redis when ``redis.url`` is set.
 
-One uvicorn worker per process; ``READY=1`` goes to systemd once the socket listens, and the watchdog is fed
-while the event loop turns and the cache can serve.
+One uvicorn worker per process, on uvloop with the httptools parser when they are installed (they are
+dependencies; the plain asyncio loop and h11 remain the fallback), without an access log (the metrics count
+every answer); ``READY=1`` goes to systemd once the socket listens, and the watchdog is fed while the event
+loop turns and the cache can serve.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import ssl
 import uuid
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,7 +33,7 @@ from caracald.core.budget import spend_slot
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
-from caracald.gateway.sinks import EventSink, LedgerSink
+from caracald.gateway.sinks import EventSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.sdnotify import Notifier, Watchdog
@@ -40,6 +45,12 @@ log = logging.getLogger(__name__)
 
 #: How far back the in-process counters are rebuilt from the ledger (longer than any window).
 SEED_SPAN = timedelta(days=32)
+
+#: Redis connections per gateway process, and how long a request may wait for a free one. A burst of
+#: hundreds of requests queues for connections while the event loop works through it: that wait is load,
+#: not an unreachable Redis (a dead or hung Redis fails each command within its 1 s socket timeout).
+REDIS_CONNECTIONS = 256
+REDIS_POOL_TIMEOUT_SECONDS = 10.0
 
 
 def ledger_totals(db: Database, now: datetime) -> dict[tuple[uuid.UUID, str], Money]:
@@ -66,7 +77,11 @@ async def make_budget(config: CaracalConfig, db: Database, stack: AsyncExitStack
 
         if config.redis.url is None:
             raise SystemExit("budget.backend is redis but redis.url is not set")
-        redis_budget = RedisBudget.from_url(config.redis.url.get_secret_value())
+        redis_budget = RedisBudget.from_url(
+            config.redis.url.get_secret_value(),
+            max_connections=REDIS_CONNECTIONS,
+            pool_timeout=REDIS_POOL_TIMEOUT_SECONDS,
+        )
         stack.push_async_callback(redis_budget.close)
         return redis_budget
     from caracald.budget.local_backend import LocalBudget
@@ -83,13 +98,28 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         from caracald.bus.base import ProducerSink
         from caracald.bus.kafka import KafkaProducer, client_config
 
-        producer = KafkaProducer(client_config(config.kafka))
+        # No linger: a reservation event is waited for on the request path, and under load the producer
+        # batches whatever queues up while its requests are in flight anyway.
+        producer = KafkaProducer(client_config(config.kafka, **{"linger.ms": 0}))
         if config.bus.spool_dir is not None:
             from caracald.bus.spool import Spool, SpoolingSink
 
             return SpoolingSink(producer, Spool(config.bus.spool_dir))
         return ProducerSink(producer)
-    return LedgerSink(db)
+    # The event log in PostgreSQL: the ledger writer applies the events (caracald up runs it in process).
+    from caracald.bus.base import ProducerSink
+    from caracald.bus.pg_log import PgLogProducer
+
+    log_producer = PgLogProducer(db.url, application_name="caracal-gateway-events")
+    if config.bus.spool_dir is not None:
+        from caracald.bus.spool import Spool, SpoolingSink
+
+        return SpoolingSink(log_producer, Spool(config.bus.spool_dir))
+    return ProducerSink(log_producer)
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def uvicorn_config(config: CaracalConfig, app: Any) -> uvicorn.Config:
@@ -107,7 +137,9 @@ def uvicorn_config(config: CaracalConfig, app: Any) -> uvicorn.Config:
         lifespan="on",
         proxy_headers=False,
         server_header=False,
+        http="httptools" if _has("httptools") else "h11",
         log_level="info",
+        access_log=False,
         timeout_graceful_shutdown=30,
         **tls,
     )
@@ -163,6 +195,16 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
             notifier.stopping()
 
 
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (None: asyncio's own)."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(config: CaracalConfig, *, db: Database | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config, db=db))
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        runner.run(serve(config, db=db))

@@ -178,6 +178,8 @@ class PlatformConfig(_Section):
     stop_timeout_seconds: float = Field(default=30, gt=0)
     #: local: a component's command instead of ``caracald <component>`` (a wrapper script, tests).
     commands: dict[str, list[str]] = Field(default_factory=dict)
+    #: Base URLs of the gateway replicas (``http://gw-1:8443``), whose ``/health`` ``caracal status`` reads.
+    gateway_urls: list[str] = Field(default_factory=list)
 
 
 class BackupConfig(_Section):
@@ -189,6 +191,8 @@ class BackupConfig(_Section):
     #: Folder holding pg_dump and pg_restore; default: the embedded PostgreSQL's (version 18, which can dump
     #: and restore older servers too).
     pg_bin_dir: Path | None = None
+    #: Longest a dump, a restore or a Kafka export or import may take.
+    timeout_seconds: float = Field(default=6 * 3600, gt=0)
 
     def resolved_dir(self, *, embedded: bool, data_dir: Path) -> Path:
         if self.dir is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -9,7 +10,7 @@ from typing import Any
 
 from psycopg.types.json import Jsonb
 
-from caracald.core.audit import GENESIS_HASH, AuditEntry, AuditEventType, chain_hash
+from caracald.core.audit import GENESIS_HASH, AuditEntry, AuditEvent, AuditEventType, chain_hash
 from caracald.store.database import Connection
 
 #: Serialises appends so that each record chains onto the one committed before it.
@@ -22,9 +23,13 @@ class AuditRecord:
     entry: AuditEntry
     prev_hash: bytes
     record_hash: bytes
+    #: The audit event's id when the record came from the bus (see :func:`append_events`).
+    event_id: uuid.UUID | None = None
 
 
-def append(conn: Connection, entry: AuditEntry) -> AuditRecord:
+def append(conn: Connection, entry: AuditEntry, *, event_id: uuid.UUID | None = None) -> AuditRecord:
+    """Chain ``entry`` onto the last record, in the caller's transaction (which holds the chain's lock
+    until it ends). ``event_id``, when given, must not be recorded yet (see :func:`append_events`)."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_CHAIN_LOCK_KEY,))
     last = conn.execute("SELECT record_hash FROM audit_log ORDER BY audit_id DESC LIMIT 1").fetchone()
     prev = bytes(last["record_hash"]) if last else GENESIS_HASH
@@ -32,8 +37,8 @@ def append(conn: Connection, entry: AuditEntry) -> AuditRecord:
     row = conn.execute(
         """
         INSERT INTO audit_log (occurred_at, actor, event_type, action, subject_id, agent_id, reason,
-                               details, prev_hash, record_hash)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING audit_id
+                               details, prev_hash, record_hash, event_id)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING audit_id
         """,
         (
             entry.occurred_at,
@@ -46,10 +51,77 @@ def append(conn: Connection, entry: AuditEntry) -> AuditRecord:
             Jsonb(entry.details),
             prev,
             digest,
+            event_id,
         ),
     ).fetchone()
     assert row is not None
-    return AuditRecord(int(row["audit_id"]), entry, prev, digest)
+    return AuditRecord(int(row["audit_id"]), entry, prev, digest, event_id)
+
+
+def append_events(conn: Connection, events: Sequence[AuditEvent]) -> list[AuditRecord]:
+    """Append audit events from the bus in order, each event id at most once; returns the records made.
+
+    Idempotent: an event whose id is already in the log (a redelivery, a replay) is skipped, and so is a
+    repeat of an id within ``events``. Runs in the caller's transaction, under the chain's lock.
+    """
+    if not events:
+        return []
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_CHAIN_LOCK_KEY,))
+    ids = list(dict.fromkeys(e.event_id for e in events))
+    rows = conn.execute("SELECT event_id FROM audit_log WHERE event_id = ANY(%s)", (ids,)).fetchall()
+    seen = {r["event_id"] for r in rows}
+    fresh = []
+    for event in events:
+        if event.event_id not in seen:
+            seen.add(event.event_id)
+            fresh.append(event)
+    if not fresh:
+        return []
+    last = conn.execute("SELECT record_hash FROM audit_log ORDER BY audit_id DESC LIMIT 1").fetchone()
+    prev = bytes(last["record_hash"]) if last else GENESIS_HASH
+    params = []
+    chained = []
+    for event in fresh:
+        entry = event.entry
+        digest = chain_hash(prev, entry)
+        params.append(
+            (
+                entry.occurred_at,
+                entry.actor,
+                str(entry.event_type),
+                entry.action,
+                entry.subject_id,
+                entry.agent_id,
+                entry.reason,
+                Jsonb(entry.details),
+                prev,
+                digest,
+                event.event_id,
+            )
+        )
+        chained.append((event, prev, digest))
+        prev = digest
+    with conn.cursor() as cur:
+        cur.executemany(
+            """
+            INSERT INTO audit_log (occurred_at, actor, event_type, action, subject_id, agent_id, reason,
+                                   details, prev_hash, record_hash, event_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING audit_id
+            """,
+            params,
+            returning=True,
+        )
+        ids_out = []
+        while True:
+            row = cur.fetchone()
+            assert row is not None
+            ids_out.append(int(row["audit_id"]))
+            if not cur.nextset():
+                break
+    return [
+        AuditRecord(audit_id, event.entry, before, digest, event.event_id)
+        for audit_id, (event, before, digest) in zip(ids_out, chained, strict=True)
+    ]
 
 
 def _record(row: dict[str, Any]) -> AuditRecord:
@@ -63,7 +135,9 @@ def _record(row: dict[str, Any]) -> AuditRecord:
         reason=row["reason"],
         details=row["details"],
     )
-    return AuditRecord(row["audit_id"], entry, bytes(row["prev_hash"]), bytes(row["record_hash"]))
+    return AuditRecord(
+        row["audit_id"], entry, bytes(row["prev_hash"]), bytes(row["record_hash"]), row.get("event_id")
+    )
 
 
 def query(

@@ -138,29 +138,104 @@ def get(conn: psycopg.Connection[Any], dlq_id: int) -> DeadLetter | None:
     return _letter(row) if row else None
 
 
+def _filters(
+    *,
+    status: DeadLetterStatus | None,
+    error_type: str | None,
+    since: datetime | None,
+    until: datetime | None = None,
+    consumer_group: str | None,
+    topic: str | None = None,
+    event_id: uuid.UUID | None = None,
+) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value in (
+        ("status", status),
+        ("error_type", error_type),
+        ("consumer_group", consumer_group),
+        ("source_topic", topic),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = %s")
+            params.append(str(value))
+    if event_id is not None:
+        clauses.append("event_id = %s")
+        params.append(event_id)
+    if since is not None:
+        clauses.append("failed_at >= %s")
+        params.append(since)
+    if until is not None:
+        clauses.append("failed_at < %s")
+        params.append(until)
+    return (f" WHERE {' AND '.join(clauses)}" if clauses else ""), params
+
+
 def list_letters(
     conn: psycopg.Connection[Any],
     *,
     status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
     error_type: str | None = None,
     since: datetime | None = None,
+    until: datetime | None = None,
     consumer_group: str | None = None,
+    topic: str | None = None,
+    event_id: uuid.UUID | None = None,
     limit: int = 1000,
 ) -> list[DeadLetter]:
-    """Dead letters, oldest first."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value in (("status", status), ("error_type", error_type), ("consumer_group", consumer_group)):
-        if value is not None:
-            clauses.append(f"{column} = %s")
-            params.append(str(value))
-    if since is not None:
-        clauses.append("failed_at >= %s")
-        params.append(since)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    """Dead letters, oldest first (``failed_at`` in [since, until))."""
+    where, params = _filters(
+        status=status,
+        error_type=error_type,
+        since=since,
+        until=until,
+        consumer_group=consumer_group,
+        topic=topic,
+        event_id=event_id,
+    )
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             f"{_SELECT}{where} ORDER BY failed_at, dlq_id LIMIT %s", (*params, limit)
+        ).fetchall()
+    return [_letter(r) for r in rows]
+
+
+def count(
+    conn: psycopg.Connection[Any],
+    *,
+    status: DeadLetterStatus | None = DeadLetterStatus.PENDING,
+    error_type: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    consumer_group: str | None = None,
+    topic: str | None = None,
+    event_id: uuid.UUID | None = None,
+) -> int:
+    """How many dead letters :func:`list_letters` would give without a limit."""
+    where, params = _filters(
+        status=status,
+        error_type=error_type,
+        since=since,
+        until=until,
+        consumer_group=consumer_group,
+        topic=topic,
+        event_id=event_id,
+    )
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(f"SELECT count(*) AS n FROM dlq_events{where}", params).fetchone()
+    return int(row["n"]) if row else 0
+
+
+def get_many(
+    conn: psycopg.Connection[Any], dlq_ids: Sequence[int], *, for_update: bool = False
+) -> list[DeadLetter]:
+    """The dead letters with these ids, in id order (``for_update`` locks them until the transaction ends)."""
+    if not dlq_ids:
+        return []
+    lock = " FOR UPDATE" if for_update else ""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"{_SELECT} WHERE dlq_id = ANY(%s) ORDER BY dlq_id{lock}", (list(dlq_ids),)
         ).fetchall()
     return [_letter(r) for r in rows]
 

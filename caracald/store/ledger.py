@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
 from psycopg.types.json import Jsonb
 
-from caracald.core.ledger import CHARGED_EVENT_TYPES, SPENDING_EVENT_TYPES, LedgerEvent
+from caracald.core.ledger import CHARGED_EVENT_TYPES, SPENDING_EVENT_TYPES, LedgerEvent, LedgerEventType
+from caracald.core.money import Money
 from caracald.store.database import Connection
 
 
@@ -75,3 +77,61 @@ def spending(
         },
     ).fetchall()
     return {r["currency"].strip(): (Decimal(r["total"]), int(r["events"])) for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """A ledger row as stored: the event, its row id, when it was recorded, and its batch once sealed."""
+
+    event_id: int
+    event: LedgerEvent
+    recorded_at: datetime
+    batch_id: uuid.UUID | None
+
+
+def list_events(
+    conn: Connection,
+    *,
+    agent_id: uuid.UUID | None,
+    start: datetime,
+    end: datetime,
+    limit: int,
+) -> list[StoredEvent]:
+    """Events that occurred in [start, end), newest first, of one agent or of all."""
+    where = "occurred_at >= %(start)s AND occurred_at < %(end)s"
+    if agent_id is not None:
+        where += " AND agent_id = %(agent)s"
+    rows = conn.execute(
+        f"""
+        SELECT event_id, idempotency_key, event_type, agent_id, request_id, occurred_at, recorded_at,
+               resource, model, input_tokens, output_tokens, cached_input_tokens, cost, currency, metadata,
+               merkle_root_id
+          FROM ledger_events
+         WHERE {where}
+         ORDER BY occurred_at DESC, event_id DESC
+         LIMIT %(limit)s
+        """,
+        {"start": start, "end": end, "agent": agent_id, "limit": limit},
+    ).fetchall()
+    return [
+        StoredEvent(
+            event_id=int(r["event_id"]),
+            event=LedgerEvent(
+                idempotency_key=r["idempotency_key"],
+                event_type=LedgerEventType(r["event_type"]),
+                agent_id=r["agent_id"],
+                occurred_at=r["occurred_at"],
+                cost=Money(Decimal(r["cost"]), r["currency"].strip()),
+                resource=r["resource"],
+                request_id=r["request_id"],
+                model=r["model"],
+                input_tokens=r["input_tokens"],
+                output_tokens=r["output_tokens"],
+                cached_input_tokens=r["cached_input_tokens"],
+                metadata=dict(r["metadata"] or {}),
+            ),
+            recorded_at=r["recorded_at"],
+            batch_id=r["merkle_root_id"],
+        )
+        for r in rows
+    ]

@@ -672,3 +672,31 @@ async def test_settle_without_the_admitting_instance_and_with_stale_cache(
 
 async def test_ping_checks_the_server(redis_budget: RedisBudget) -> None:
     await redis_budget.ping()
+
+
+async def test_scripts_flushed_from_redis_are_loaded_again(redis_budget: RedisBudget) -> None:
+    s = scope("1.00")
+    await redis_budget._client.script_flush()
+    # Admissions started together share one pipeline; each finds its script gone and loads it again.
+    requests = [request((s,), "0.10") for _ in range(3)]
+    admissions = await asyncio.gather(*(redis_budget.admit(r) for r in requests))
+    assert all(a.admitted for a in admissions)
+    await redis_budget._client.script_flush()
+    await asyncio.gather(*(redis_budget.settle(r.request_id, usd("0.05"), now()) for r in requests))
+    assert await used(redis_budget, s) == (usd("0.15"), usd("0"), 0)
+
+
+async def test_concurrent_calls_share_pipelines_and_each_gets_its_own_answer(
+    redis_budget: RedisBudget,
+) -> None:
+    s = scope("1.00")
+    requests = [request((s,), "0.01") for _ in range(150)]
+    admissions = await asyncio.gather(*(redis_budget.admit(r) for r in requests))
+    assert [a.request_id for a in admissions] == [r.request_id for r in requests]
+    assert sum(a.admitted for a in admissions) == 100
+    admitted = [r for r, a in zip(requests, admissions, strict=True) if a.admitted]
+    settled = await asyncio.gather(
+        *(redis_budget.settle(r.request_id, usd("0.005"), now()) for r in admitted)
+    )
+    assert {x.charged for x in settled} == {usd("0.005")}
+    assert await used(redis_budget, s) == (usd("0.5"), usd("0"), 0)

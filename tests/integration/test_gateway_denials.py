@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -22,6 +23,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from caracald.budget.base import AdmissionRequest
 from caracald.budget.redis_backend import RedisBudget
+from caracald.core.events import MeteringEvent
 from caracald.gateway.sinks import MemorySink
 from caracald.store.database import Database
 from caracald.store.gateway import DENY_ALL, set_switch
@@ -509,6 +511,65 @@ def test_budget_backend_unavailable_is_503(database_url: str, cli: Cli) -> None:
         assert health.status_code == 503
         assert health.json()["components"]["budget"]["status"] == "unavailable"
         assert gateway.fake.requests == []
+
+
+class FlakySink(MemorySink):
+    """A sink that refuses every event while ``failing``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing = False
+
+    async def emit(self, event: MeteringEvent) -> None:
+        if self.failing:
+            raise RuntimeError("the sink is down")
+        await super().emit(event)
+
+
+def test_an_undeliverable_reservation_event_is_503_and_then_nothing_goes_out_unrecorded(
+    database_url: str, cli: Cli
+) -> None:
+    prices(cli)
+    sink = FlakySink()
+    with GatewayHarness(database_url, sink=sink) as gateway:
+        agent = make_agent(cli, "agent-one", limit="5.00")
+        gateway.refresh()
+        assert gateway.state is not None
+        scopes = gateway.state.cache.current().scopes(uuid.UUID(agent.agent_id))
+
+        def spent() -> Decimal:
+            (status,) = gateway.run(gateway.budget.status(scopes, datetime.now(UTC)))
+            return status.settled.amount + status.held.amount
+
+        def call(i: int) -> httpx.Response:
+            return httpx.get(
+                f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
+            )
+
+        assert call(1).status_code == 200
+        gateway.settled()
+        assert spent() == Decimal("0.25")
+        # The sink breaks while healthy: the call went out with its event in flight; the answer is withheld
+        # and the hold charged (the provider may have done the work).
+        sink.failing = True
+        assert_denied(call(2), 503, "event_sink_unavailable")
+        assert len(gateway.fake.requests) == 2
+        gateway.settled()
+        assert spent() == Decimal("0.50")
+        # From now on each call waits for its event: nothing goes out, nothing is charged.
+        assert_denied(call(3), 503, "event_sink_unavailable")
+        assert len(gateway.fake.requests) == 2
+        gateway.settled()
+        assert spent() == Decimal("0.50")
+        # Back up: the first call waits for its event, which is delivered, and all is normal again.
+        sink.failing = False
+        assert call(4).status_code == 200
+        assert call(5).status_code == 200
+        assert len(gateway.fake.requests) == 4
+        gateway.settled()
+        assert spent() == Decimal("1.00")
+        kinds = [(str(e.kind), str(e.request_id)) for e in sink.events]
+        assert [k for k, _ in kinds] == ["reservation", "settlement"] * 3
 
 
 def _allow_connections(postgres_service: PostgresService, database_url: str, allow: bool) -> None:

@@ -1,0 +1,188 @@
+"""Ledger integrity: seal a million events into signed Merkle batches, then time verifying them.
+
+    python bench/merkle_bench.py                      # 1,000,000 events
+    python bench/merkle_bench.py --events 200000      # a quicker run
+
+Without ``--database-url`` (or ``CARACAL_DATABASE_URL``) it starts a throw-away PostgreSQL with the test
+harness (``fsync=off``). Each run uses a new database. Steps and what is printed:
+
+1. insert the events with ``COPY`` (the fast path; as superuser, foreign key triggers are skipped);
+2. seal them all (``seal_pending`` with batches of 1,000): events/s, and the signing cost per batch;
+3. ``verify_range`` over everything, rows streamed from PostgreSQL: events/s (target 250,000/s);
+4. ``verify_event`` for 1,000 random events: p50 and p99 latency (target 2 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+
+from caracald.core.signing import generate_key  # noqa: E402
+from caracald.integrity import keys, sealer, verifier  # noqa: E402
+from caracald.store.migrate import migrate  # noqa: E402
+
+VERIFY_TARGET = 250_000
+EVENT_TARGET_MS = 2.0
+
+_NULL = "\\N"
+_COPY = (
+    "COPY ledger_events (idempotency_key, event_type, agent_id, request_id, occurred_at, resource, model,"
+    " input_tokens, output_tokens, cached_input_tokens, cost, currency, metadata) FROM STDIN"
+)
+
+
+def _database(url: str | None) -> tuple[str, object | None]:
+    if url:
+        return url, None
+    from tests.harness.postgres import PostgresService
+
+    service = PostgresService.start()
+    name = f"merkle_bench_{uuid.uuid4().hex[:8]}"
+    return service.create_database(name), service
+
+
+def _insert(conn: psycopg.Connection[tuple[object, ...]], count: int) -> float:
+    agents = [uuid.uuid4() for _ in range(20)]
+    now = datetime.now(UTC)
+    with conn.cursor() as cur:
+        for i, agent in enumerate(agents):
+            cur.execute(
+                "INSERT INTO agents (agent_id, name, owner, status, created_at, updated_at)"
+                " VALUES (%s, %s, 'bench@example.com', 'active', %s, %s)",
+                (agent, f"bench-{i}-{agent.hex[:6]}", now, now),
+            )
+    conn.commit()
+    with conn.cursor() as cur:
+        try:
+            cur.execute("SET session_replication_role = replica")  # skip the agent foreign key checks
+        except psycopg.Error:
+            conn.rollback()
+    start = datetime(2025, 1, 1, tzinfo=UTC)
+    started = time.perf_counter()
+    with conn.cursor() as cur, cur.copy(_COPY) as copy:
+        lines: list[str] = []
+        for i in range(count):
+            settled = i % 2 == 1
+            tokens_in, tokens_out = random.randint(10, 4000), random.randint(1, 2000)
+            cost = f"{(tokens_in * 3 + tokens_out * 15) / 1_000_000:.8f}" if settled else "0"
+            occurred = (start + timedelta(milliseconds=i)).isoformat()
+            lines.append(
+                f"{uuid.uuid4()}\t{'settlement' if settled else 'reservation'}\t{agents[i % len(agents)]}\t"
+                f"{uuid.uuid4()}\t{occurred}\thttps://api.openai.com/v1/chat/completions\tgpt-4o-mini\t"
+                f"{tokens_in if settled else _NULL}\t{tokens_out if settled else _NULL}\t{_NULL}\t"
+                f"{cost}\tUSD\t"
+                f'{{"policy_ids": ["{agents[0]}"], "hold": "0.05"}}\n'
+            )
+            if len(lines) == 20_000:
+                copy.write("".join(lines))
+                lines = []
+        if lines:
+            copy.write("".join(lines))
+    conn.commit()
+    with conn.cursor() as cur:
+        cur.execute("RESET session_replication_role")
+    conn.commit()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--samples", type=int, default=1000, help="events for the verify-event latency")
+    parser.add_argument("--database-url", default=os.environ.get("CARACAL_DATABASE_URL"))
+    parser.add_argument("--algorithm", default="ed25519", choices=["ed25519", "ecdsa-p256"])
+    args = parser.parse_args(argv)
+
+    url, service = _database(args.database_url)
+    try:
+        migrate(url)
+        with psycopg.connect(url) as conn:
+            seconds = _insert(conn, args.events)
+            print(
+                f"insert (COPY):   {args.events:>10,} events in {seconds:7.2f} s"
+                f" = {args.events / seconds:>10,.0f}/s"
+            )
+
+            key = generate_key(keys.new_key_name(), args.algorithm)  # type: ignore[arg-type]
+            with tempfile.TemporaryDirectory() as key_dir:
+                keys.write_key_files(Path(key_dir), key)
+            keys.register(conn, key.public(), datetime.now(UTC))
+            conn.commit()
+
+            started = time.perf_counter()
+            result = sealer.seal_pending(conn, key, max_batch=args.batch_size, max_age=timedelta(0))
+            seconds = time.perf_counter() - started
+            signing = [b.signing_seconds for b in result.batches]
+            per_batch = [b.seconds for b in result.batches]
+            print(
+                f"seal:            {result.events:>10,} events in {seconds:7.2f} s"
+                f" = {result.events / seconds:>10,.0f}/s"
+                f" ({len(result.batches):,} batches, {statistics.mean(per_batch) * 1000:.1f} ms each)"
+            )
+            print(
+                f"signing ({args.algorithm}): {statistics.mean(signing) * 1e6:8.1f} us per batch"
+                f" (p99 {sorted(signing)[int(len(signing) * 0.99) - 1] * 1e6:.1f} us)"
+            )
+            conn.autocommit = True
+            conn.execute("VACUUM ANALYZE ledger_events")
+            conn.execute("VACUUM ANALYZE merkle_batches")
+            conn.autocommit = False
+
+            trusted = [key.public()]
+            best = None
+            for _ in range(2):
+                report = verifier.verify_all(conn, trusted)
+                conn.rollback()
+                assert report.ok, report.first_problem
+                best = report.seconds if best is None else min(best, report.seconds)
+            assert best is not None
+            rate = report.events_checked / best
+            verdict = "meets" if rate >= VERIFY_TARGET else "misses"
+            print(
+                f"verify-range:    {report.events_checked:>10,} events in {best:7.2f} s = {rate:>10,.0f}/s"
+                f" ({verdict} the {VERIFY_TARGET:,}/s target)"
+            )
+
+            with conn.cursor() as cur:
+                ids = [r[0] for r in cur.execute("SELECT event_id FROM ledger_events").fetchall()]
+            conn.rollback()
+            latencies = []
+            for event_id in random.sample(ids, min(args.samples, len(ids))):
+                started = time.perf_counter()
+                report = verifier.verify_event(conn, event_id, trusted)
+                conn.rollback()
+                latencies.append((time.perf_counter() - started) * 1000)
+                assert report.ok, report.first_problem
+            latencies.sort()
+            p50 = statistics.median(latencies)
+            p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
+            verdict = "meets" if p99 <= EVENT_TARGET_MS else "misses"
+            print(
+                f"verify-event:    p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(latencies):,} events"
+                f" ({verdict} the {EVENT_TARGET_MS} ms target at p99)"
+            )
+    finally:
+        if service is not None:
+            service.stop()  # type: ignore[attr-defined]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The ``merkle_batches`` and ``merkle_state`` rows, read and written by the sealer, verifier and proofs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row, tuple_row
+
+from caracald.core.merkle import HASH_SIZE
+
+AnyConnection = psycopg.Connection[Any]
+
+_COLUMNS = """batch_id, first_seq, last_seq, event_count, tree_size, previous_tree_size, root_hash,
+    start_frontier, consistency_proof, checkpoint, key_name, key_id, min_occurred_at, max_occurred_at,
+    created_at, verified_at, verification_status, verification_problem"""
+
+
+def split_hashes(data: bytes | memoryview | None) -> list[bytes]:
+    """32-byte hashes stored back to back."""
+    if not data:
+        return []
+    raw = bytes(data)
+    return [raw[i : i + HASH_SIZE] for i in range(0, len(raw), HASH_SIZE)]
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    batch_id: UUID
+    first_seq: int
+    last_seq: int
+    event_count: int
+    tree_size: int
+    previous_tree_size: int
+    root_hash: bytes
+    start_frontier: tuple[bytes, ...]
+    consistency_proof: tuple[bytes, ...]
+    checkpoint: str
+    key_name: str
+    key_id: str
+    min_occurred_at: datetime
+    max_occurred_at: datetime
+    created_at: datetime
+    verified_at: datetime | None = None
+    verification_status: str | None = None
+    verification_problem: str | None = None
+    #: Only when asked for (``with_leaves``): the batch's leaf hashes, 32 bytes each, in seq order.
+    leaf_hashes: bytes | None = None
+
+    @property
+    def seqs(self) -> range:
+        return range(self.first_seq, self.last_seq + 1)
+
+
+def _batch(row: dict[str, Any]) -> Batch:
+    leaves = row.get("leaf_hashes")
+    return Batch(
+        batch_id=row["batch_id"],
+        first_seq=int(row["first_seq"]),
+        last_seq=int(row["last_seq"]),
+        event_count=int(row["event_count"]),
+        tree_size=int(row["tree_size"]),
+        previous_tree_size=int(row["previous_tree_size"]),
+        root_hash=bytes(row["root_hash"]),
+        start_frontier=tuple(split_hashes(row["start_frontier"])),
+        consistency_proof=tuple(split_hashes(row["consistency_proof"])),
+        checkpoint=row["checkpoint"],
+        key_name=row["key_name"],
+        key_id=row["key_id"],
+        min_occurred_at=row["min_occurred_at"],
+        max_occurred_at=row["max_occurred_at"],
+        created_at=row["created_at"],
+        verified_at=row["verified_at"],
+        verification_status=row["verification_status"],
+        verification_problem=row["verification_problem"],
+        leaf_hashes=bytes(leaves) if leaves is not None else None,
+    )
+
+
+def _select(
+    conn: AnyConnection, where: str, params: Sequence[Any] | dict[str, Any], *, leaves: bool
+) -> list[Batch]:
+    columns = _COLUMNS + (", leaf_hashes" if leaves else "")
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(f"SELECT {columns} FROM merkle_batches WHERE {where}", params).fetchall()
+    return [_batch(r) for r in rows]
+
+
+def get(conn: AnyConnection, batch_id: UUID, *, with_leaves: bool = False) -> Batch | None:
+    found = _select(conn, "batch_id = %s", (batch_id,), leaves=with_leaves)
+    return found[0] if found else None
+
+
+def with_previous(conn: AnyConnection, batch_id: UUID) -> tuple[Batch | None, Batch | None, str]:
+    """A batch (with its leaves), the batch before it, and the ledger's origin: one round trip."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"""
+            SELECT {_COLUMNS}, CASE WHEN batch_id = %(id)s THEN leaf_hashes END AS leaf_hashes,
+                   batch_id = %(id)s AS wanted, (SELECT origin FROM merkle_state) AS origin
+              FROM merkle_batches
+             WHERE batch_id = %(id)s
+                OR tree_size = (SELECT previous_tree_size FROM merkle_batches WHERE batch_id = %(id)s)
+            """,
+            {"id": batch_id},
+        ).fetchall()
+    wanted = next((_batch(r) for r in rows if r["wanted"]), None)
+    before = next((_batch(r) for r in rows if not r["wanted"]), None)
+    origin = rows[0]["origin"] if rows else state(conn).origin
+    return wanted, before, origin
+
+
+def ending_at(conn: AnyConnection, tree_size: int, *, with_leaves: bool = False) -> Batch | None:
+    """The batch whose checkpoint covers exactly ``tree_size`` events."""
+    found = _select(conn, "tree_size = %s", (tree_size,), leaves=with_leaves)
+    return found[0] if found else None
+
+
+def containing(conn: AnyConnection, seq: int, *, with_leaves: bool = False) -> Batch | None:
+    found = _select(
+        conn,
+        "first_seq = (SELECT max(first_seq) FROM merkle_batches WHERE first_seq <= %s) AND last_seq >= %s",
+        (seq, seq),
+        leaves=with_leaves,
+    )
+    return found[0] if found else None
+
+
+def latest(conn: AnyConnection) -> Batch | None:
+    found = _select(conn, "tree_size = (SELECT max(tree_size) FROM merkle_batches)", (), leaves=False)
+    return found[0] if found else None
+
+
+def overlapping(
+    conn: AnyConnection, first_seq: int, last_seq: int, *, with_leaves: bool = False
+) -> list[Batch]:
+    """Batches holding any seq in ``[first_seq, last_seq]``, in seq order."""
+    return _select(
+        conn,
+        "last_seq >= %s AND first_seq <= %s ORDER BY first_seq",
+        (first_seq, last_seq),
+        leaves=with_leaves,
+    )
+
+
+def in_time_range(conn: AnyConnection, start: datetime, end: datetime) -> list[Batch]:
+    """Batches holding an event that occurred in ``[start, end]`` by their recorded span, in seq order."""
+    return _select(
+        conn,
+        "min_occurred_at <= %s AND max_occurred_at >= %s ORDER BY first_seq",
+        (end, start),
+        leaves=False,
+    )
+
+
+def recent(conn: AnyConnection, limit: int) -> list[Batch]:
+    rows = _select(conn, "TRUE ORDER BY first_seq DESC LIMIT %s", (limit,), leaves=False)
+    return rows[::-1]
+
+
+def count(conn: AnyConnection) -> int:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT count(*) FROM merkle_batches").fetchone()
+    return int(row[0]) if row else 0
+
+
+def leaves_between(conn: AnyConnection, after_size: int, up_to_size: int) -> list[bytes]:
+    """The stored leaf hashes of seq ``after_size + 1 .. up_to_size`` (whole batches), in order."""
+    if up_to_size <= after_size:
+        return []
+    with conn.cursor(row_factory=tuple_row) as cur:
+        rows = cur.execute(
+            "SELECT first_seq, last_seq, leaf_hashes FROM merkle_batches"
+            " WHERE first_seq > %s AND last_seq <= %s ORDER BY first_seq",
+            (after_size, up_to_size),
+        ).fetchall()
+    leaves: list[bytes] = []
+    expected = after_size + 1
+    for first, last, blob in rows:
+        if first != expected:
+            raise LookupError(f"no batch starts at seq {expected}")
+        leaves.extend(split_hashes(blob))
+        expected = last + 1
+    if expected != up_to_size + 1:
+        raise LookupError(f"no batch ends at seq {up_to_size}")
+    return leaves
+
+
+def record_verification(
+    conn: AnyConnection, outcomes: Iterable[tuple[UUID, bool, str | None]], at: datetime
+) -> None:
+    """Note each batch's latest verification outcome (for ``list-batches`` and dashboards)."""
+    rows = list(outcomes)
+    if not rows:
+        return
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            UPDATE merkle_batches b
+               SET verified_at = %s, verification_status = v.status, verification_problem = v.problem
+              FROM unnest(%s::uuid[], %s::text[], %s::text[]) AS v(batch_id, status, problem)
+             WHERE b.batch_id = v.batch_id
+            """,
+            (
+                at,
+                [r[0] for r in rows],
+                ["passed" if r[1] else "failed" for r in rows],
+                [r[2] for r in rows],
+            ),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TreeState:
+    origin: str
+    tree_size: int
+    frontier: tuple[bytes, ...]
+    last_batch_id: UUID | None
+    updated_at: datetime
+
+
+def state(conn: AnyConnection, *, for_update: bool = False) -> TreeState:
+    lock = " FOR UPDATE" if for_update else ""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(
+            f"SELECT origin, tree_size, frontier, last_batch_id, updated_at FROM merkle_state{lock}"
+        ).fetchone()
+    if row is None:
+        raise LookupError("merkle_state has no row: the ledger integrity migration did not run")
+    return TreeState(
+        origin=row["origin"],
+        tree_size=int(row["tree_size"]),
+        frontier=tuple(split_hashes(row["frontier"])),
+        last_batch_id=row["last_batch_id"],
+        updated_at=row["updated_at"],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TreeHead:
+    """The newest checkpoint: what a snapshot or a dashboard shows as the ledger's Merkle root."""
+
+    tree_size: int
+    root_hash: bytes
+    batch_id: UUID
+    checkpoint: str
+    created_at: datetime
+
+
+def tree_head(conn: AnyConnection) -> TreeHead | None:
+    """The newest batch's checkpoint (None before anything is sealed). Not verified: see the verifier."""
+    last = latest(conn)
+    if last is None:
+        return None
+    return TreeHead(last.tree_size, last.root_hash, last.batch_id, last.checkpoint, last.created_at)

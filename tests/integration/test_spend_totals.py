@@ -1,0 +1,247 @@
+"""Hourly spend totals: ``ledger query`` answers from them and agrees exactly with the raw events.
+
+The totals are kept by a trigger on ``ledger_events`` from the rows each statement actually inserted, so a
+replayed or duplicated event (skipped by ``ON CONFLICT DO NOTHING``) counts nothing, whichever path inserts.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from psycopg.rows import dict_row
+
+from caracald.admin import ledger as ledger_admin
+from caracald.bus import pg_log
+from caracald.bus.base import event_headers
+from caracald.consumers.ledger_writer import Backoff, LedgerWriter
+from caracald.core.events import METERING_TOPIC, MeteringEvent, encode
+from caracald.core.ledger import LedgerEvent, LedgerEventType
+from caracald.core.money import Money
+from caracald.store import ledger as ledger_store
+from caracald.store import spend_totals
+from caracald.store.database import Database
+
+pytestmark = pytest.mark.integration
+
+BASE = datetime(2024, 3, 9, tzinfo=UTC)  # spans the US DST change: hours are UTC hours anyway
+SPAN = timedelta(days=3)
+KINDS = list(LedgerEventType)
+
+
+def add_agent(conn: psycopg.Connection[Any]) -> uuid.UUID:
+    agent = uuid.uuid4()
+    now = datetime.now(UTC)
+    conn.execute(
+        "INSERT INTO agents (agent_id, name, owner, status, created_at, updated_at) "
+        "VALUES (%s, %s, 'o@example.com', 'active', %s, %s)",
+        (agent, f"totals-{agent.hex[:12]}", now, now),
+    )
+    return agent
+
+
+def raw(db: Database, agent: uuid.UUID, start: datetime, end: datetime) -> dict[str, tuple[Decimal, int]]:
+    with db.read() as conn:
+        return ledger_store.spending(conn, agent, start, end)
+
+
+def from_totals(
+    db: Database, agent: uuid.UUID, start: datetime, end: datetime
+) -> dict[str, tuple[Decimal, int]]:
+    with db.read() as conn:
+        return spend_totals.spending(conn, agent, start, end)
+
+
+event_strategy = st.tuples(
+    st.sampled_from(KINDS),
+    st.integers(min_value=0, max_value=int(SPAN.total_seconds() * 1_000_000)),  # microseconds after BASE
+    st.decimals(min_value=Decimal("-5"), max_value=Decimal("50"), places=8),
+    st.sampled_from(["USD", "EUR"]),
+)
+instant = st.integers(
+    min_value=-3_600_000_000, max_value=int(SPAN.total_seconds() * 1_000_000) + 3_600_000_000
+)
+
+
+def _at(micros: int) -> datetime:
+    return BASE + timedelta(microseconds=micros)
+
+
+def _hourly(micros: int) -> int:
+    """Snap some instants onto whole hours, where off-by-one mistakes live."""
+    return micros - micros % 3_600_000_000
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    events=st.lists(event_strategy, max_size=60),
+    replayed=st.integers(min_value=0, max_value=60),
+    ranges=st.lists(st.tuples(instant, instant, st.booleans(), st.booleans()), min_size=1, max_size=8),
+)
+def test_totals_agree_exactly_with_the_raw_events_and_replays_do_not_count(
+    db: Database,
+    events: list[tuple[LedgerEventType, int, Decimal, str]],
+    replayed: int,
+    ranges: list[tuple[int, int, bool, bool]],
+) -> None:
+    with db.transaction() as conn:
+        agent = add_agent(conn)
+    rows = [
+        LedgerEvent(
+            uuid.uuid4(),
+            kind,
+            agent,
+            _at(at),
+            Money(
+                cost
+                if kind in (LedgerEventType.SETTLEMENT, LedgerEventType.EXPIRY, LedgerEventType.ADJUSTMENT)
+                else Decimal(0),
+                currency,
+            ),
+        )
+        for kind, at, cost, currency in events
+    ]
+    with db.transaction() as conn:
+        ledger_store.insert_events(conn, rows)
+    # A replay of some of them, in one statement and row by row: nothing is new, nothing may count.
+    with db.transaction() as conn:
+        assert ledger_store.insert_events(conn, rows[:replayed]) == 0
+        for row in rows[:3]:
+            assert ledger_store.insert_events(conn, [row]) == 0
+    checks = [(BASE, BASE + SPAN), (BASE - timedelta(days=1), BASE + SPAN + timedelta(days=1))]
+    for a, b, snap_a, snap_b in ranges:
+        a, b = (_hourly(a) if snap_a else a), (_hourly(b) if snap_b else b)
+        start, end = sorted((_at(a), _at(b)))
+        if start == end:
+            end += timedelta(microseconds=1)
+        checks.append((start, end))
+    for start, end in checks:
+        assert from_totals(db, agent, start, end) == raw(db, agent, start, end), (start, end)
+
+
+def test_the_migration_backfills_and_rebuild_recomputes(db: Database) -> None:
+    with db.transaction() as conn:
+        agent = add_agent(conn)
+        ledger_store.insert_events(
+            conn,
+            [
+                LedgerEvent(
+                    uuid.uuid4(),
+                    LedgerEventType.SETTLEMENT,
+                    agent,
+                    BASE + timedelta(minutes=m),
+                    Money(Decimal("0.01"), "USD"),
+                )
+                for m in range(0, 600, 7)
+            ],
+        )
+    with db.transaction() as conn:
+        before = conn.execute(
+            "SELECT bucket, total, spending_events, ledger_events FROM spend_totals WHERE agent_id = %s ORDER BY bucket",
+            (agent,),
+        ).fetchall()
+        conn.execute("UPDATE spend_totals SET total = 0 WHERE agent_id = %s", (agent,))
+        assert spend_totals.rebuild(conn, agent) == len(before) == 10
+        after = conn.execute(
+            "SELECT bucket, total, spending_events, ledger_events FROM spend_totals WHERE agent_id = %s ORDER BY bucket",
+            (agent,),
+        ).fetchall()
+    assert after == before
+    assert sum(r["spending_events"] for r in after) == len(range(0, 600, 7))
+
+
+def test_a_long_range_answers_from_the_totals_in_milliseconds(db: Database) -> None:
+    """A year of events, one every 10 minutes: the query reads hour rows, not events."""
+    with db.transaction() as conn:
+        agent = add_agent(conn)
+        conn.execute(
+            """
+            INSERT INTO ledger_events (idempotency_key, event_type, agent_id, occurred_at, cost, currency)
+            SELECT gen_random_uuid(), 'settlement', %s, %s::timestamptz + make_interval(mins => 10 * g), 0.0125, 'USD'
+              FROM generate_series(0, 52559) g
+            """,
+            (agent, BASE),
+        )
+    start, end = BASE + timedelta(minutes=3), BASE + timedelta(days=365, minutes=-7)
+    assert from_totals(db, agent, start, end) == raw(db, agent, start, end)
+    timings = []
+    for _ in range(5):
+        began = time.perf_counter()
+        (summary,) = ledger_admin.spending(db, agent, start, end)
+        timings.append(time.perf_counter() - began)
+    assert summary.event_count == 52559
+    assert summary.total == Decimal("0.0125") * 52559
+    assert min(timings) < 0.05, timings
+
+
+def _metering(agent: uuid.UUID, n: int) -> MeteringEvent:
+    settle = n % 2 == 1
+    return MeteringEvent(
+        kind=LedgerEventType.SETTLEMENT if settle else LedgerEventType.RESERVATION,
+        request_id=uuid.uuid5(uuid.NAMESPACE_URL, f"{agent}/{n // 2}"),
+        agent_id=agent,
+        occurred_at=BASE + timedelta(minutes=13 * n),
+        cost=Money(Decimal(n) / 1000, "USD") if settle else Money(Decimal(0), "USD"),
+        hold=None if settle else Money(Decimal("0.5"), "USD"),
+        model="gpt-4o",
+    )
+
+
+def test_the_ledger_writer_keeps_the_totals_and_a_replay_changes_neither_ledger_nor_totals(
+    database_url: str, db: Database
+) -> None:
+    with db.transaction() as conn:
+        agent = add_agent(conn)
+    events = [_metering(agent, n) for n in range(800)]
+    producer = pg_log.PgLogProducer(database_url)
+    try:
+        for e in [*events, *events[:300]]:  # 300 sent twice
+            producer.send(METERING_TOPIC, encode(e), key=e.key, headers=event_headers(e))
+        assert producer.flush(30) == 0
+    finally:
+        producer.close()
+
+    def drain() -> None:
+        writer = LedgerWriter(
+            pg_log.PgLogConsumer(database_url, "ledger-writer-group", [METERING_TOPIC]),
+            database_url,
+            pg_log.PgLogProducer(database_url),
+            batch_size=128,
+            backoff=Backoff(0.05, 0.5),
+        )
+        try:
+            writer.run(idle_exit=1.0)
+        finally:
+            writer.close()
+            writer.dlq_producer.close()
+
+    def snapshot() -> tuple[list[Any], list[Any]]:
+        with psycopg.connect(database_url, row_factory=dict_row) as conn:
+            ledger = conn.execute(
+                "SELECT event_id, idempotency_key FROM ledger_events ORDER BY event_id"
+            ).fetchall()
+            totals = conn.execute("SELECT * FROM spend_totals ORDER BY agent_id, bucket, currency").fetchall()
+        return ledger, totals
+
+    drain()
+    first = snapshot()
+    assert len(first[0]) == 800
+    start, end = BASE, BASE + timedelta(days=30)
+    expected = (sum((e.cost.amount for e in events), Decimal(0)), 400)
+    assert from_totals(db, agent, start, end) == raw(db, agent, start, end) == {"USD": expected}
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        pg_log.reset_offsets(conn, "ledger-writer-group", METERING_TOPIC, 0)
+    drain()
+    assert snapshot() == first
