@@ -479,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(targets[2].proc)
         wait_http(f"http://127.0.0.1:{ports['caracal']}/health", targets[2].proc, gateway_log)
         print(f"servers up (work folder {workdir}); measuring ...", flush=True)
+        load_before = os.getloadavg()
 
         import uvloop
 
@@ -508,6 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         with urllib.request.urlopen(f"http://127.0.0.1:{ports['caracal']}/stats", timeout=5) as reply:
             stats = json.loads(reply.read())
         ok = report(targets, args)
+        load_after = os.getloadavg()
+        print(
+            f"load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
+            f"after: {', '.join(f'{x:.2f}' for x in load_after)} ({os.cpu_count()} CPUs)"
+        )
         print(f"gateway /stats at the end: {json.dumps(stats, default=str)[:400]}")
         spool = workdir / "spool"
         spooled = sum(p.stat().st_size for p in spool.rglob("*") if p.is_file()) if spool.exists() else 0

@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from caracald.core.signing import generate_key  # noqa: E402
+from caracald.core.signing import VerifyingKey, generate_key  # noqa: E402
 from caracald.integrity import keys, sealer, verifier  # noqa: E402
 from caracald.store.migrate import migrate  # noqa: E402
 
@@ -108,68 +108,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=1000, help="events for the verify-event latency")
     parser.add_argument("--database-url", default=os.environ.get("CARACAL_DATABASE_URL"))
     parser.add_argument("--algorithm", default="ed25519", choices=["ed25519", "ecdsa-p256"])
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="verify what --database-url already holds (sealed by a run before)",
+    )
     args = parser.parse_args(argv)
 
     url, service = _database(args.database_url)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     try:
         migrate(url)
         with psycopg.connect(url) as conn:
-            seconds = _insert(conn, args.events)
-            print(
-                f"insert (COPY):   {args.events:>10,} events in {seconds:7.2f} s"
-                f" = {args.events / seconds:>10,.0f}/s"
-            )
+            if args.reuse:
+                with conn.cursor() as cur:
+                    texts = [r[0] for r in cur.execute("SELECT public_key FROM merkle_keys").fetchall()]
+                trusted = [VerifyingKey.from_text(t) for t in texts]
+                conn.rollback()
+            else:
+                trusted = _load_and_seal(conn, args)
+            backend = conn.info.backend_pid
 
-            key = generate_key(keys.new_key_name(), args.algorithm)  # type: ignore[arg-type]
-            with tempfile.TemporaryDirectory() as key_dir:
-                keys.write_key_files(Path(key_dir), key)
-            keys.register(conn, key.public(), datetime.now(UTC))
-            conn.commit()
-
-            started = time.perf_counter()
-            result = sealer.seal_pending(conn, key, max_batch=args.batch_size, max_age=timedelta(0))
-            seconds = time.perf_counter() - started
-            signing = [b.signing_seconds for b in result.batches]
-            per_batch = [b.seconds for b in result.batches]
-            print(
-                f"seal:            {result.events:>10,} events in {seconds:7.2f} s"
-                f" = {result.events / seconds:>10,.0f}/s"
-                f" ({len(result.batches):,} batches, {statistics.mean(per_batch) * 1000:.1f} ms each)"
-            )
-            print(
-                f"signing ({args.algorithm}): {statistics.mean(signing) * 1e6:8.1f} us per batch"
-                f" (p99 {sorted(signing)[int(len(signing) * 0.99) - 1] * 1e6:.1f} us)"
-            )
-            conn.autocommit = True
-            conn.execute("VACUUM ANALYZE ledger_events")
-            conn.execute("VACUUM ANALYZE merkle_batches")
-            conn.autocommit = False
-
-            trusted = [key.public()]
-            best = None
+            best: tuple[float, float, float | None] | None = None
             for _ in range(2):
+                client0, server0 = time.process_time(), _backend_cpu(backend)
                 report = verifier.verify_all(conn, trusted)
+                client, server = time.process_time() - client0, _backend_cpu(backend)
                 conn.rollback()
                 assert report.ok, report.first_problem
-                best = report.seconds if best is None else min(best, report.seconds)
+                server_cpu = server - server0 if server is not None and server0 is not None else None
+                if best is None or report.seconds < best[0]:
+                    best = (report.seconds, client, server_cpu)
             assert best is not None
-            rate = report.events_checked / best
+            wall, client, server_cpu = best
+            events = report.events_checked
+            rate = events / wall
             verdict = "meets" if rate >= VERIFY_TARGET else "misses"
             print(
-                f"verify-range:    {report.events_checked:>10,} events in {best:7.2f} s = {rate:>10,.0f}/s"
+                f"verify-range:    {events:>10,} events in {wall:7.2f} s = {rate:>10,.0f}/s"
                 f" ({verdict} the {VERIFY_TARGET:,}/s target)"
             )
+            if server_cpu is not None:
+                two = events / max(client, server_cpu)
+                one = events / (client + server_cpu)
+                print(
+                    f"  CPU: verifier {client:.2f} s ({events / client:,.0f} events/s),"
+                    f" PostgreSQL {server_cpu:.2f} s ({events / server_cpu:,.0f} events/s):"
+                    f" {two:,.0f}/s on two free cores, {one:,.0f}/s on one"
+                )
 
             with conn.cursor() as cur:
                 ids = [r[0] for r in cur.execute("SELECT event_id FROM ledger_events").fetchall()]
             conn.rollback()
             latencies = []
+            client0, server0 = time.process_time(), _backend_cpu(backend)
             for event_id in random.sample(ids, min(args.samples, len(ids))):
                 started = time.perf_counter()
                 report = verifier.verify_event(conn, event_id, trusted)
                 conn.rollback()
                 latencies.append((time.perf_counter() - started) * 1000)
                 assert report.ok, report.first_problem
+            client, server = time.process_time() - client0, _backend_cpu(backend)
             latencies.sort()
             p50 = statistics.median(latencies)
             p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
@@ -178,10 +177,61 @@ def main(argv: list[str] | None = None) -> int:
                 f"verify-event:    p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(latencies):,} events"
                 f" ({verdict} the {EVENT_TARGET_MS} ms target at p99)"
             )
+            if server is not None and server0 is not None:
+                print(
+                    f"  CPU per event: verifier {client / len(latencies) * 1000:.2f} ms,"
+                    f" PostgreSQL {(server - server0) / len(latencies) * 1000:.2f} ms"
+                )
     finally:
         if service is not None:
             service.stop()  # type: ignore[attr-defined]
     return 0
+
+
+def _backend_cpu(pid: int) -> float | None:
+    """CPU seconds the PostgreSQL backend used so far (when it runs on this machine)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _load_and_seal(
+    conn: psycopg.Connection[tuple[object, ...]], args: argparse.Namespace
+) -> list[VerifyingKey]:
+    seconds = _insert(conn, args.events)
+    print(
+        f"insert (COPY):   {args.events:>10,} events in {seconds:7.2f} s = {args.events / seconds:>10,.0f}/s"
+    )
+
+    key = generate_key(keys.new_key_name(), args.algorithm)
+    with tempfile.TemporaryDirectory() as key_dir:
+        keys.write_key_files(Path(key_dir), key)
+    keys.register(conn, key.public(), datetime.now(UTC))
+    conn.commit()
+
+    started, cpu0 = time.perf_counter(), time.process_time()
+    result = sealer.seal_pending(conn, key, max_batch=args.batch_size, max_age=timedelta(0))
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
+    signing = sorted(b.signing_seconds for b in result.batches)
+    per_batch = [b.seconds for b in result.batches]
+    print(
+        f"seal:            {result.events:>10,} events in {seconds:7.2f} s"
+        f" = {result.events / seconds:>10,.0f}/s"
+        f" ({len(result.batches):,} batches, {statistics.mean(per_batch) * 1000:.1f} ms each;"
+        f" sealer CPU {cpu:.2f} s)"
+    )
+    p99 = signing[int(len(signing) * 0.99) - 1]
+    print(
+        f"signing ({args.algorithm}): median {statistics.median(signing) * 1e6:.1f} us per batch"
+        f" (mean {statistics.mean(signing) * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us)"
+    )
+    conn.autocommit = True
+    conn.execute("VACUUM ANALYZE ledger_events")
+    conn.execute("VACUUM ANALYZE merkle_batches")
+    conn.autocommit = False
+    return [key.public()]
 
 
 if __name__ == "__main__":

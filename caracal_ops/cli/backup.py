@@ -160,6 +160,12 @@ def restore(
         "--safety-backup/--no-safety-backup",
         help="PostgreSQL: back up the database as it is before replacing it.",
     ),
+    new_timestamps: bool = typer.Option(
+        False,
+        "--new-timestamps",
+        help="Kafka: give the records the current time (the original goes in a header), so that the "
+        "topic's retention does not delete old records at once.",
+    ),
 ) -> None:
     """Restore a backup (prints the plan unless --execute).
 
@@ -171,7 +177,9 @@ def restore(
     their keys, headers and timestamps; their offsets are new.
     """
     env = backup_env(state(ctx))
-    plan = backups.plan_restore(env, backup_id, topics=topic, safety_backup=safety_backup)
+    plan = backups.plan_restore(
+        env, backup_id, topics=topic, safety_backup=safety_backup, new_timestamps=new_timestamps
+    )
     report = run_plan(ctx, plan, execute_it=execute, dry_run=dry_run, yes=yes)
     if report is None:
         return

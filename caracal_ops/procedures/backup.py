@@ -687,7 +687,12 @@ def plan_verify(env: BackupEnv, backup_id: str) -> Plan:
 
 
 def plan_restore(
-    env: BackupEnv, backup_id: str, *, topics: Sequence[str] = (), safety_backup: bool = True
+    env: BackupEnv,
+    backup_id: str,
+    *,
+    topics: Sequence[str] = (),
+    safety_backup: bool = True,
+    new_timestamps: bool = False,
 ) -> Plan:
     """``caracal backup restore``: a PostgreSQL dump into the configured database, or Kafka records back
     into their topics."""
@@ -697,8 +702,10 @@ def plan_restore(
     if manifest.type == "postgresql":
         if topics:
             raise ValidationError("--topic only applies to Kafka backups")
+        if new_timestamps:
+            raise ValidationError("--new-timestamps only applies to Kafka backups")
         return _plan_restore_postgresql(env, info, manifest, safety_backup=safety_backup)
-    return _plan_restore_kafka(env, info, manifest, topics)
+    return _plan_restore_kafka(env, info, manifest, topics, new_timestamps=new_timestamps)
 
 
 def _target_facts(url: str) -> tuple[int, set[str]]:
@@ -913,7 +920,9 @@ def _plan_restore_postgresql(
     return plan
 
 
-def _plan_restore_kafka(env: BackupEnv, info: BackupInfo, manifest: Manifest, topics: Sequence[str]) -> Plan:
+def _plan_restore_kafka(
+    env: BackupEnv, info: BackupInfo, manifest: Manifest, topics: Sequence[str], *, new_timestamps: bool
+) -> Plan:
     in_backup = {t["name"]: t for t in manifest.details.get("topics", [])}
     chosen = list(dict.fromkeys(topics)) if topics else list(in_backup)
     unknown = [t for t in chosen if t not in in_backup]
@@ -925,17 +934,28 @@ def _plan_restore_kafka(env: BackupEnv, info: BackupInfo, manifest: Manifest, to
     plan = Plan(
         "backup.restore",
         f"Restore Kafka backup {manifest.backup_id} (created {created}) into {', '.join(chosen)}",
-        params={"backup_id": manifest.backup_id, "type": "kafka", "topics": chosen},
+        params={
+            "backup_id": manifest.backup_id,
+            "type": "kafka",
+            "topics": chosen,
+            "new_timestamps": new_timestamps,
+        },
         confirm_word="restore",
     )
     plan.note(
         "records get new offsets (after whatever the topics hold); consumer groups' committed offsets are "
         "not in the backup: reset them if the consumers must read the restored records again"
     )
-    plan.note(
-        "records keep their original timestamps: a topic whose retention is shorter than their age "
-        "deletes them at its next retention check"
-    )
+    if new_timestamps:
+        plan.note(
+            "records get the current time as their timestamp; the original one is in the header "
+            f"{kafka_export.ORIGINAL_TIMESTAMP_HEADER}"
+        )
+    else:
+        plan.note(
+            "records keep their original timestamps: a topic whose retention is shorter than their age "
+            "deletes them at its next retention check (use --new-timestamps to restore old records)"
+        )
     missing: list[tuple[str, int, int]] = []
     for name in chosen:
         needed = len(in_backup[name]["partitions"])
@@ -993,6 +1013,7 @@ def _plan_restore_kafka(env: BackupEnv, info: BackupInfo, manifest: Manifest, to
                 name,
                 kafka_export.read_export(info.path / topic["file"]),
                 progress=lambda n: step.progress(n, count, "records"),
+                new_timestamps=new_timestamps,
             )
             if delivery.failed:
                 raise StepFailed(
@@ -1005,8 +1026,9 @@ def _plan_restore_kafka(env: BackupEnv, info: BackupInfo, manifest: Manifest, to
 
         plan.add(
             f"produce-{name}",
-            f"Produce the {count:,} records of {name} back into it: same partitions, keys, headers and "
-            "timestamps; new offsets",
+            f"Produce the {count:,} records of {name} back into it: same partitions, keys, headers"
+            + (", new timestamps" if new_timestamps else " and timestamps")
+            + "; new offsets",
             produce,
             destructive=True,
             long_running=True,

@@ -236,6 +236,10 @@ class Delivery:
     first_error: str | None = None
 
 
+#: With ``new_timestamps``, the header that keeps a record's original timestamp (milliseconds, decimal).
+ORIGINAL_TIMESTAMP_HEADER = "caracal.restore.original-timestamp"
+
+
 def produce_records(
     config: KafkaConfig,
     topic: str,
@@ -243,8 +247,14 @@ def produce_records(
     *,
     progress: Callable[[int], None] | None = None,
     flush_timeout: float = 300.0,
+    new_timestamps: bool = False,
 ) -> Delivery:
-    """Produce ``records`` to their partitions of ``topic``; returns what the broker acknowledged."""
+    """Produce ``records`` to their partitions of ``topic``; returns what the broker acknowledged.
+
+    Records keep their timestamps, unless ``new_timestamps``: then they get the current time, and their
+    original one goes in the header ``caracal.restore.original-timestamp`` (a topic's time-based
+    retention would otherwise delete records older than it as soon as they are back).
+    """
     delivery = Delivery()
 
     def acknowledged(error: KafkaError | None, message: Message) -> None:
@@ -265,6 +275,12 @@ def produce_records(
         }
     )
     for sent, record in enumerate(records, 1):
+        headers: list[tuple[str, str | bytes | None]] = list(record.headers)
+        timestamp = record.timestamp or 0
+        if new_timestamps:
+            if record.timestamp is not None:
+                headers.append((ORIGINAL_TIMESTAMP_HEADER, str(record.timestamp).encode()))
+            timestamp = 0
         while True:
             try:
                 producer.produce(
@@ -272,8 +288,8 @@ def produce_records(
                     value=record.value,
                     key=record.key,
                     partition=record.partition,
-                    timestamp=record.timestamp or 0,
-                    headers=list(record.headers),
+                    timestamp=timestamp,
+                    headers=headers,
                     on_delivery=acknowledged,
                 )
                 break

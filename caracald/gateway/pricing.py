@@ -95,9 +95,14 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+#: One decoder for every body (``json.loads`` with an option builds a new one per call).
+_DECODER: Final = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(body, parse_constant=_refuse_constant)
+        # What json.loads does with bytes: UTF-8, -16 or -32, detected.
+        payload = _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (ValueError, RecursionError):
         raise Denied(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):

@@ -264,7 +264,6 @@ class Gateway:
         assert target is not None
         priced = hold.priced
         headers = upstream.upstream_headers(request.scope["headers"], target.upstream)
-        zero = Money.zero(priced.hold.currency)
         overlap = self.billing.sink_healthy
         recorded = self.billing.record_reservation(hold)
         if not overlap and not await recorded:
@@ -277,6 +276,7 @@ class Gateway:
             self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": repr(exc)}))
             raise Denied(504, "upstream_timeout", "the provider did not answer in time") from None
         except aiohttp.ClientError as exc:
+            zero = Money.zero(priced.hold.currency)
             self.billing.spawn(self.billing.settle(hold, zero, None, {"upstream_error": repr(exc)}))
             raise Denied(
                 502, "upstream_unavailable", f"the provider could not be reached ({type(exc).__name__})"

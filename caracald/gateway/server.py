@@ -33,7 +33,7 @@ from caracald.core.budget import spend_slot
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
-from caracald.gateway.sinks import EventSink
+from caracald.gateway.sinks import EventSink, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.sdnotify import Notifier, Watchdog
@@ -51,6 +51,9 @@ SEED_SPAN = timedelta(days=32)
 #: not an unreachable Redis (a dead or hung Redis fails each command within its 1 s socket timeout).
 REDIS_CONNECTIONS = 256
 REDIS_POOL_TIMEOUT_SECONDS = 10.0
+
+#: The subfolder of ``bus.spool_dir`` where the unbatched Kafka producer spools (see SplitSink).
+PROMPT_SPOOL = "prompt"
 
 
 def ledger_totals(db: Database, now: datetime) -> dict[tuple[uuid.UUID, str], Money]:
@@ -98,14 +101,18 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         from caracald.bus.base import ProducerSink
         from caracald.bus.kafka import KafkaProducer, client_config
 
-        # No linger: a reservation event is waited for on the request path, and under load the producer
-        # batches whatever queues up while its requests are in flight anyway.
-        producer = KafkaProducer(client_config(config.kafka, **{"linger.ms": 0}))
+        # Two producers (see SplitSink): the bus's batching one, and one without linger for the reservations
+        # of a quiet gateway, each with its own spool (the prompt one in a subfolder).
+        batched = KafkaProducer(client_config(config.kafka))
+        prompt = KafkaProducer(client_config(config.kafka, **{"linger.ms": 0}))
         if config.bus.spool_dir is not None:
             from caracald.bus.spool import Spool, SpoolingSink
 
-            return SpoolingSink(producer, Spool(config.bus.spool_dir))
-        return ProducerSink(producer)
+            return SplitSink(
+                SpoolingSink(prompt, Spool(config.bus.spool_dir / PROMPT_SPOOL)),
+                SpoolingSink(batched, Spool(config.bus.spool_dir)),
+            )
+        return SplitSink(ProducerSink(prompt), ProducerSink(batched))
     # The event log in PostgreSQL: the ledger writer applies the events (caracald up runs it in process).
     from caracald.bus.base import ProducerSink
     from caracald.bus.pg_log import PgLogProducer

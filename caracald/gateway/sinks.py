@@ -4,6 +4,7 @@ The gateway only needs ``async emit(event)``; the bus package provides the durab
 PostgreSQL event log, the local spool). :class:`LedgerSink` writes events straight into the ledger table
 (idempotent by the event's deterministic id), group-committed on a thread of its own so a slow database never
 starves the rest of the process; it serves tests and the embedded gateway when no bus sink is configured.
+:class:`SplitSink` gives the reservation events of a quiet gateway a sink of their own (see there).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol, runtime_checkable
 
 from caracald.core.events import MeteringEvent
+from caracald.core.ledger import LedgerEventType
 from caracald.store.database import Database
 from caracald.store.ledger import insert_events
 
@@ -72,6 +74,50 @@ class LedgerSink:
         if self._writer is not None:
             await asyncio.gather(self._writer, return_exceptions=True)
         self._pool.shutdown(wait=True)
+
+
+class SplitSink:
+    """Two sinks for one stream of events: ``prompt`` for the reservation events that requests wait for while
+    the gateway is nearly idle, ``batched`` for all the others.
+
+    A Kafka producer that waits a few milliseconds to fill its batches (``linger.ms``) spends a fraction of
+    the CPU of one that sends every record at once, but each record waits that long. Under load every request
+    waits for others anyway and batching is what keeps up; on a quiet gateway the wait would be added to
+    every call. So while fewer than ``quiet_below`` events are in flight, a reservation goes to ``prompt``
+    (no linger); everything else, and every reservation under load, to ``batched``. A request's settlement is
+    emitted only after its reservation was acknowledged, so the two stay in order whichever way each went.
+    """
+
+    def __init__(self, prompt: EventSink, batched: EventSink, *, quiet_below: int = 4) -> None:
+        self.prompt = prompt
+        self.batched = batched
+        self.quiet_below = quiet_below
+        self._in_flight = 0
+
+    async def emit(self, event: MeteringEvent) -> None:
+        sink = self.batched
+        if event.kind is LedgerEventType.RESERVATION and self._in_flight < self.quiet_below:
+            sink = self.prompt
+        self._in_flight += 1
+        try:
+            await sink.emit(event)
+        finally:
+            self._in_flight -= 1
+
+    async def start(self) -> None:
+        for sink in (self.prompt, self.batched):
+            start = getattr(sink, "start", None)
+            if start is not None and asyncio.iscoroutinefunction(start):
+                await start()
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return sum(getattr(sink, "flush", lambda _t: 0)(timeout) for sink in (self.prompt, self.batched))
+
+    def close(self) -> None:
+        for sink in (self.prompt, self.batched):
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
 
 
 class MemorySink:

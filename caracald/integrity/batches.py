@@ -16,8 +16,8 @@ from caracald.core.merkle import HASH_SIZE
 AnyConnection = psycopg.Connection[Any]
 
 _COLUMNS = """batch_id, first_seq, last_seq, event_count, tree_size, previous_tree_size, root_hash,
-    start_frontier, consistency_proof, checkpoint, key_name, key_id, min_occurred_at, max_occurred_at,
-    created_at, verified_at, verification_status, verification_problem"""
+    start_frontier, consistency_proof, block_hashes, checkpoint, key_name, key_id, min_occurred_at,
+    max_occurred_at, created_at, verified_at, verification_status, verification_problem"""
 
 
 def split_hashes(data: bytes | memoryview | None) -> list[bytes]:
@@ -39,6 +39,8 @@ class Batch:
     root_hash: bytes
     start_frontier: tuple[bytes, ...]
     consistency_proof: tuple[bytes, ...]
+    #: Roots of the aligned 32-leaf blocks lying wholly in the batch (see proofs.SparseTree).
+    block_hashes: tuple[bytes, ...]
     checkpoint: str
     key_name: str
     key_id: str
@@ -68,6 +70,7 @@ def _batch(row: dict[str, Any]) -> Batch:
         root_hash=bytes(row["root_hash"]),
         start_frontier=tuple(split_hashes(row["start_frontier"])),
         consistency_proof=tuple(split_hashes(row["consistency_proof"])),
+        block_hashes=tuple(split_hashes(row["block_hashes"])),
         checkpoint=row["checkpoint"],
         key_name=row["key_name"],
         key_id=row["key_id"],
@@ -95,23 +98,64 @@ def get(conn: AnyConnection, batch_id: UUID, *, with_leaves: bool = False) -> Ba
     return found[0] if found else None
 
 
-def with_previous(conn: AnyConnection, batch_id: UUID) -> tuple[Batch | None, Batch | None, str]:
-    """A batch (with its leaves), the batch before it, and the ledger's origin: one round trip."""
+@dataclass(frozen=True, slots=True)
+class EventBatch:
+    """What proving one event needs from its batch: the batch (with its block roots), the batch before it,
+    the ledger's origin, and the leaves of the event's block and of the partial blocks at the batch's ends
+    (keyed by leaf index)."""
+
+    batch: Batch
+    before: Batch | None
+    origin: str
+    leaves: dict[int, bytes]
+
+
+_BLOCK = 32
+_SLICE = (
+    "substring(leaf_hashes FROM ((({lo}) - (first_seq - 1)) * 32 + 1)::int FOR ((({hi}) - ({lo})) * 32)::int)"
+)
+_HEAD = ("first_seq - 1", "least(((first_seq - 1 + 31) / 32) * 32, last_seq)")
+_EVENT = ("greatest((%(index)s / 32) * 32, first_seq - 1)", "least((%(index)s / 32) * 32 + 32, last_seq)")
+_TAIL = ("greatest((last_seq / 32) * 32, first_seq - 1)", "last_seq")
+
+
+def _slice_sql(bounds: tuple[str, str]) -> str:
+    lo, hi = bounds
+    return f"CASE WHEN ({hi}) > ({lo}) THEN {_SLICE.format(lo=lo, hi=hi)} ELSE '\\x'::bytea END"
+
+
+def for_event(conn: AnyConnection, batch_id: UUID, index: int) -> EventBatch | None:
+    """One round trip: the batch holding leaf ``index`` and what its audit path needs (a few KB)."""
+    wanted = "batch_id = %(id)s"
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(
             f"""
-            SELECT {_COLUMNS}, CASE WHEN batch_id = %(id)s THEN leaf_hashes END AS leaf_hashes,
-                   batch_id = %(id)s AS wanted, (SELECT origin FROM merkle_state) AS origin
+            SELECT {_COLUMNS}, {wanted} AS wanted, (SELECT origin FROM merkle_state) AS origin,
+                   CASE WHEN {wanted} THEN {_slice_sql(_HEAD)} END AS head,
+                   CASE WHEN {wanted} THEN {_slice_sql(_EVENT)} END AS event,
+                   CASE WHEN {wanted} THEN {_slice_sql(_TAIL)} END AS tail
               FROM merkle_batches
-             WHERE batch_id = %(id)s
-                OR tree_size = (SELECT previous_tree_size FROM merkle_batches WHERE batch_id = %(id)s)
+             WHERE {wanted}
+                OR tree_size = (SELECT previous_tree_size FROM merkle_batches WHERE {wanted})
             """,
-            {"id": batch_id},
+            {"id": batch_id, "index": index},
         ).fetchall()
-    wanted = next((_batch(r) for r in rows if r["wanted"]), None)
+    row = next((r for r in rows if r["wanted"]), None)
+    if row is None:
+        return None
+    batch = _batch(row)
     before = next((_batch(r) for r in rows if not r["wanted"]), None)
-    origin = rows[0]["origin"] if rows else state(conn).origin
-    return wanted, before, origin
+    start, end = batch.first_seq - 1, batch.last_seq
+    block = (index // _BLOCK) * _BLOCK
+    leaves: dict[int, bytes] = {}
+    for lo, data in (
+        (start, row["head"]),
+        (max(block, start), row["event"]),
+        (max((end // _BLOCK) * _BLOCK, start), row["tail"]),
+    ):
+        for i, leaf in enumerate(split_hashes(data)):
+            leaves[lo + i] = leaf
+    return EventBatch(batch, before, row["origin"], leaves)
 
 
 def ending_at(conn: AnyConnection, tree_size: int, *, with_leaves: bool = False) -> Batch | None:

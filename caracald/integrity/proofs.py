@@ -77,6 +77,20 @@ def extend_frontier(size: int, frontier: Sequence[bytes], leaves: Sequence[bytes
     return pos, nodes
 
 
+#: Leaves per stored block (``merkle_batches.block_hashes``).
+BLOCK_LEAVES: Final = 32
+
+
+def block_hashes(start: int, leaves: Sequence[bytes]) -> list[bytes]:
+    """Roots of the aligned blocks ``[32k, 32k + 32)`` lying wholly in ``[start, start + len(leaves))``."""
+    first = -(-start // BLOCK_LEAVES) * BLOCK_LEAVES
+    end = start + len(leaves)
+    return [
+        merkle.root(leaves[lo - start : lo - start + BLOCK_LEAVES])
+        for lo in range(first, end - BLOCK_LEAVES + 1, BLOCK_LEAVES)
+    ]
+
+
 def frontier_root(size: int, frontier: Sequence[bytes]) -> bytes:
     """MTH of the tree whose frontier is given (as ``TreeBuilder.root``)."""
     return merkle.TreeBuilder.from_state(size, frontier).root()
@@ -171,6 +185,41 @@ class PartialTree:
                 old_root_known = False
         path.reverse()
         return path
+
+
+class SparseTree(PartialTree):
+    """The tree of ``size`` leaves known by the frontier at ``start``, the stored 32-leaf block roots after
+    it, and a few leaves: enough for the audit path of a leaf whose block's leaves are known, when the
+    leaves of the partial blocks at either end of ``[start, size)`` are known too.
+    """
+
+    def __init__(
+        self,
+        start: int,
+        frontier: Sequence[bytes],
+        size: int,
+        blocks: Sequence[bytes],
+        leaves: dict[int, bytes],
+    ) -> None:
+        super().__init__(start, frontier, [])
+        self.size = size
+        first = -(-start // BLOCK_LEAVES) * BLOCK_LEAVES
+        for i, block in enumerate(blocks):
+            lo = first + i * BLOCK_LEAVES
+            self._known[(lo, lo + BLOCK_LEAVES)] = block
+        self._sparse = leaves
+
+    def node(self, lo: int, hi: int) -> bytes:
+        known = self._known.get((lo, hi))
+        if known is not None:
+            return known
+        if hi - lo == 1:
+            leaf = self._sparse.get(lo)
+            if leaf is None:
+                raise ValidationError(f"leaf {lo} is not known")
+            return leaf
+        k = _split(hi - lo)
+        return merkle.node_hash(self.node(lo, lo + k), self.node(lo + k, hi))
 
 
 # --------------------------------------------------------------------------- building proofs

@@ -36,7 +36,13 @@ from caracald.core.signing import Checkpoint, SigningKey, sign_checkpoint
 from caracald.integrity import batches, keys, metrics
 from caracald.integrity.batches import AnyConnection
 from caracald.integrity.encoding import canonical_sql
-from caracald.integrity.proofs import IntegrityError, PartialTree, extend_frontier, frontier_root
+from caracald.integrity.proofs import (
+    IntegrityError,
+    PartialTree,
+    block_hashes,
+    extend_frontier,
+    frontier_root,
+)
 from caracald.runtime.config import CaracalConfig
 
 #: Serialises sealers (the event log uses 0x0CA7E100, migrations 0x0CA7AC41, the audit chain 0x0CA7A0D1).
@@ -152,6 +158,7 @@ def _seal_one(
     size, frontier = extend_frontier(base, state.frontier, leaves)
     root = frontier_root(size, frontier)
     proof = PartialTree(base, state.frontier, leaves).consistency_path(base, size) if base else []
+    blocks = block_hashes(base, leaves)
 
     signing_started = time.perf_counter()
     note = sign_checkpoint(Checkpoint(state.origin, size, root, now, str(batch_id)), key)
@@ -162,11 +169,11 @@ def _seal_one(
             """
             INSERT INTO merkle_batches (batch_id, first_seq, last_seq, event_count, tree_size,
                                         previous_tree_size, root_hash, start_frontier, consistency_proof,
-                                        leaf_hashes, checkpoint, key_name, key_id, min_occurred_at,
-                                        max_occurred_at, created_at)
+                                        leaf_hashes, block_hashes, checkpoint, key_name, key_id,
+                                        min_occurred_at, max_occurred_at, created_at)
             VALUES (%(batch)s, %(first)s, %(last)s, %(count)s, %(last)s, %(previous)s, %(root)s,
-                    %(start_frontier)s, %(proof)s, %(leaves)s, %(note)s, %(key_name)s, %(key_id)s,
-                    %(min_time)s, %(max_time)s, %(now)s)
+                    %(start_frontier)s, %(proof)s, %(leaves)s, %(blocks)s, %(note)s, %(key_name)s,
+                    %(key_id)s, %(min_time)s, %(max_time)s, %(now)s)
             """,
             {
                 "batch": batch_id,
@@ -178,6 +185,7 @@ def _seal_one(
                 "start_frontier": b"".join(state.frontier),
                 "proof": b"".join(proof),
                 "leaves": b"".join(leaves),
+                "blocks": b"".join(blocks),
                 "note": note,
                 "key_name": key.name,
                 "key_id": key.key_id_hex,

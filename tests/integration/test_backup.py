@@ -302,15 +302,16 @@ def test_kafka_backup_verify_and_restore_into_an_emptied_topic(
     kafka_service.create_topic(topic, num_partitions=3)
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     sent = []
+    # recent timestamps: the topic's 7-day retention deletes older records at once (the restore's
+    # --new-timestamps exists for them)
+    base = int(time.time() * 1000) - 60_000
     for i in range(60):
         key = None if i % 10 == 0 else f"agent-{i % 7}".encode()
         value = None if i == 13 else json.dumps({"n": i, "cost": "0.0125"}).encode() + bytes([0, 255, i])
         headers = [("event-type", b"reservation"), ("schema", str(i % 2).encode())]
         if i % 5 == 0:
             headers.append(("empty", None))
-        producer.produce(
-            topic, key=key, value=value, headers=headers, partition=i % 3, timestamp=1_700_000_000_000 + i
-        )
+        producer.produce(topic, key=key, value=value, headers=headers, partition=i % 3, timestamp=base + i)
         sent.append((key, value, tuple(headers), i % 3))
     assert producer.flush(30) == 0
     original = _consume_all(bootstrap, topic, 3)
@@ -386,8 +387,11 @@ def test_kafka_restore_creates_a_missing_topic(
     kafka_service.create_topic(topic, num_partitions=2)
     producer = Producer({"bootstrap.servers": bootstrap})
     sent = []
+    stamps = [int(time.time() * 1000) - 5_000 + i for i in range(10)]
     for i in range(10):
-        producer.produce(topic, key=f"k{i}".encode(), value=f"v{i}".encode(), partition=i % 2)
+        producer.produce(
+            topic, key=f"k{i}".encode(), value=f"v{i}".encode(), partition=i % 2, timestamp=stamps[i]
+        )
         sent.append((f"k{i}".encode(), f"v{i}".encode(), (), i % 2))
     assert producer.flush(30) == 0
     backup_id = _create(cli, "--type", "kafka", "--topic", topic)["backup_id"]
@@ -399,10 +403,14 @@ def test_kafka_restore_creates_a_missing_topic(
     deadline = datetime.now(UTC) + timedelta(seconds=30)
     while topic in admin.list_topics(timeout=10).topics and datetime.now(UTC) < deadline:
         time.sleep(0.1)
-    plan = cli.ok("backup", "restore", "--backup-id", backup_id)
+    plan = cli.ok("backup", "restore", "--backup-id", backup_id, "--new-timestamps")
     assert f"Create the missing topics {topic} (2 partitions)" in plan.stdout
-    cli.ok("backup", "restore", "--backup-id", backup_id, "--execute", "--yes")
-    assert Counter(_consume_all(bootstrap, topic, 2)) == Counter(sent)
+    assert "the original one is in the header caracal.restore.original-timestamp" in plan.stdout
+    cli.ok("backup", "restore", "--backup-id", backup_id, "--new-timestamps", "--execute", "--yes")
+    restored = _consume_all(bootstrap, topic, 2)
+    assert Counter((k, v, p) for k, v, _h, p in restored) == Counter((k, v, p) for k, v, _h, p in sent)
+    originals = {int(dict(h)["caracal.restore.original-timestamp"]) for _k, _v, h, _p in restored}
+    assert originals == set(stamps)
 
     wrong = cli("backup", "restore", "--backup-id", backup_id, "--topic", "caracal.dlq")
     assert wrong.exit_code == 2

@@ -380,7 +380,7 @@ def test_terminated_connections_pause_the_consumers_and_lose_or_duplicate_nothin
     def killer() -> None:
         nonlocal kills
         with psycopg.connect(database_url, autocommit=True) as conn:
-            while not stop.wait(0.2):
+            while not stop.wait(0.5):
                 row = conn.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                     "WHERE application_name LIKE 'caracal-consumer%%' OR application_name LIKE 'caracal-ledger%%' "
@@ -400,7 +400,7 @@ def test_terminated_connections_pause_the_consumers_and_lose_or_duplicate_nothin
                 time.sleep(0.2)
         finally:
             producer.close()
-        wait_for(lambda: ledger_count(database_url) >= 2000, what="progress under fire")
+        wait_for(lambda: ledger_count(database_url) >= 2000, timeout=120, what="progress under fire")
     finally:
         stop.set()
         thread.join(10)

@@ -247,6 +247,26 @@ def test_columns_and_canonical_changed_together_are_found_by_the_signed_leaf(led
         )
     fields = assert_detected(ledger, ledger.batches[1], event, "signed leaf")
     assert fields["First Bad Event"].startswith(str(event))
+    result = ledger.cli("merkle", "verify-event", "--event-id", str(event))
+    assert result.exit_code == 1
+    assert "signed leaf" in block(result.stdout)["Problem"]
+
+
+def test_altered_block_hashes_are_found(ledger: Ledger) -> None:
+    b = ledger.batches[1]  # leaves 1000..1999: its first whole block is leaves 1024..1055
+    ledger.sql(
+        "UPDATE merkle_batches SET block_hashes = sha256(block_hashes) || substring(block_hashes from 33)"
+        " WHERE batch_id = %s",
+        (b,),
+    )
+    result = ledger.cli("merkle", "verify-event", "--event-id", str(ledger.event_at(1001)))
+    assert result.exit_code == 1
+    fields = block(result.stdout)
+    assert fields["First Bad Batch"] == str(b)
+    assert "block hashes" in fields["Problem"]
+    # an event inside the altered block proves without that block's root
+    ledger.cli.ok("merkle", "verify-event", "--event-id", str(ledger.event_at(1031)))
+    assert_detected(ledger, b, None, "block hashes")
 
 
 def test_a_row_moved_to_another_batch_is_found(ledger: Ledger) -> None:

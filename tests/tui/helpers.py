@@ -24,11 +24,11 @@ def make_app(source: DataSource, *, tmp_path: Path | None = None, **kwargs: Any)
     return CaracalApp(source, **kwargs)
 
 
-async def settle(pilot: Pilot[Any], timeout: float = 20.0) -> None:
+async def settle(pilot: Pilot[Any], limit: float = 20.0) -> None:
     """Wait until every load has arrived and been drawn, and every worker (a running action) is done."""
     app = pilot.app
     assert isinstance(app, CaracalApp)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit
     while True:
         await pilot.pause()
         await app.workers.wait_for_complete()

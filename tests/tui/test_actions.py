@@ -21,7 +21,9 @@ async def _confirm(pilot, word: str) -> None:  # type: ignore[no-untyped-def]
     await settle(pilot)
 
 
-async def test_suspend_shows_the_plan_refuses_a_wrong_word_and_runs_on_the_right_one(fake: FakeSource) -> None:
+async def test_suspend_shows_the_plan_refuses_a_wrong_word_and_runs_on_the_right_one(
+    fake: FakeSource,
+) -> None:
     app = make_app(fake, initial_view="agents")
     async with app.run_test(size=(80, 24)) as pilot:
         await settle(pilot)

@@ -102,7 +102,9 @@ async def test_a_missing_capability_is_shown_disabled_with_its_reason() -> None:
         assert source.runs == []
 
 
-async def test_a_bug_in_an_action_never_shows_a_traceback(fake: FakeSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_bug_in_an_action_never_shows_a_traceback(
+    fake: FakeSource, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = make_app(fake, tmp_path=tmp_path, strict=False, initial_view="agents")
 
     def broken(self: AgentsScreen) -> None:
@@ -113,7 +115,9 @@ async def test_a_bug_in_an_action_never_shows_a_traceback(fake: FakeSource, tmp_
         await settle(pilot)
         await pilot.press("slash")
         await settle(pilot)
-        assert notices(app) == [f"internal error: KeyError: 'boom' (details in {tmp_path / 'caracal-tui.log'})"]
+        assert notices(app) == [
+            f"internal error: KeyError: 'boom' (details in {tmp_path / 'caracal-tui.log'})"
+        ]
         assert "Traceback" not in screen_text(app)
         assert "KeyError: 'boom'" in (tmp_path / "caracal-tui.log").read_text()
         # the screen still works
@@ -122,7 +126,9 @@ async def test_a_bug_in_an_action_never_shows_a_traceback(fake: FakeSource, tmp_
         assert len(table_rows(app, "#letters")) == 6
 
 
-async def test_a_bug_while_drawing_is_reported_on_the_status_line(fake: FakeSource, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_bug_while_drawing_is_reported_on_the_status_line(
+    fake: FakeSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = make_app(fake, initial_view="agents")
 
     def broken(self: AgentsScreen, snapshot: object) -> None:

@@ -19,7 +19,7 @@ from caracal_tui.screens.agents import AgentDetailScreen, AgentsScreen
 from caracal_tui.screens.dlq import DlqScreen
 from caracal_tui.screens.modals import ConfirmScreen, RunScreen
 from caracal_tui.screens.operations import OperationsScreen
-from caracal_tui.sources import ActionRequest, Health, NotAvailable
+from caracal_tui.sources import ActionRequest, DlqSummary, Health, NotAvailable
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
 from caracald.store import dlq as dlq_store
@@ -57,7 +57,9 @@ def _agent(cli: Cli, name: str, parent: str | None = None) -> str:
 
 
 def _policy(cli: Cli, agent: str, limit: str) -> str:
-    out = cli.ok("policy", "create", "--agent-id", agent, "--limit", limit, "--change-reason", "initial", "-o", "json")
+    out = cli.ok(
+        "policy", "create", "--agent-id", agent, "--limit", limit, "--change-reason", "initial", "-o", "json"
+    )
     return str(json.loads(out.stdout)["policy_id"])
 
 
@@ -107,9 +109,9 @@ async def test_reads_agents_budgets_and_the_ledger(cli: Cli, db: Database, live:
 
         await pilot.press("L")
         await settle(pilot)
-        rows = table_rows(app, "#ledger")
-        assert [row[2] for row in rows] == ["support-bot"]
-        assert rows[0][-1] == "$9.25"
+        ledger = table_rows(app, "#ledger")
+        assert [row[2] for row in ledger] == ["support-bot"]
+        assert ledger[0][-1] == "$9.25"
         assert "charged $9.25" in text_of(app, "#status")
 
 
@@ -120,7 +122,7 @@ async def test_overview_against_the_store(cli: Cli, db: Database, live: LiveSour
     assert by_name["gateway"].health is Health.DOWN  # none runs in this test: said, not hidden
     assert "not answering" in by_name["gateway"].state
     assert isinstance(overview.traffic, NotAvailable)
-    assert overview.dlq == overview.dlq.__class__(0, None)
+    assert overview.dlq == DlqSummary(0, None)
     assert overview.deployment == "distributed"
     app = make_app(live)
     async with app.run_test(size=(160, 48)) as pilot:
@@ -155,7 +157,7 @@ async def test_suspend_and_activate_confirm_and_run(cli: Cli, live: LiveSource) 
         await settle(pilot)
         await pilot.press(*"activate", "enter")
         await settle(pilot)
-        assert app.screen.ok  # type: ignore[attr-defined]
+        assert isinstance(app.screen, RunScreen) and app.screen.ok
         await pilot.press("enter")
         await settle(pilot)
         assert column(app, "#agents", 1) == ["● active"]
@@ -219,8 +221,17 @@ async def test_dead_letters_retry_and_purge(cli: Cli, db: Database, live: LiveSo
     now = datetime.now(UTC)
     letters = [
         DeadLetter(
-            "caracal.metering.events", 0, 10 + i, "ledger-writer-group", b"k", b'{"kind": "settlement"}', (),
-            "DecodeError", f"broken payload {i}", 3, now - timedelta(minutes=10 - i),
+            "caracal.metering.events",
+            0,
+            10 + i,
+            "ledger-writer-group",
+            b"k",
+            b'{"kind": "settlement"}',
+            (),
+            "DecodeError",
+            f"broken payload {i}",
+            3,
+            now - timedelta(minutes=10 - i),
         )
         for i in range(3)
     ]
@@ -255,14 +266,18 @@ async def test_dead_letters_retry_and_purge(cli: Cli, db: Database, live: LiveSo
         await settle(pilot)
         assert column(app, "#letters", 0) == ids[2:]
     with db.read() as conn:
-        statuses = {d.dlq_id: (d.status.value, d.resolved_by) for d in dlq_store.list_letters(conn, status=None)}
+        statuses = {
+            d.dlq_id: (d.status.value, d.resolved_by) for d in dlq_store.list_letters(conn, status=None)
+        }
     assert statuses[int(ids[0])] == ("redriven", ACTOR)
     assert statuses[int(ids[1])] == ("purged", ACTOR)
     actions = [a["action"] for a in _audit(cli)]
     assert "dlq.retry.finished" in actions and "dlq.purge.finished" in actions
 
 
-async def test_verify_a_sealed_batch_then_find_the_tampered_event(cli: Cli, db: Database, live: LiveSource) -> None:
+async def test_verify_a_sealed_batch_then_find_the_tampered_event(
+    cli: Cli, db: Database, live: LiveSource
+) -> None:
     agent = _agent(cli, "sealed-agent")
     for i in range(5):
         _charge(db, agent, f"0.0{i + 1}", n=i)
@@ -281,7 +296,10 @@ async def test_verify_a_sealed_batch_then_find_the_tampered_event(cli: Cli, db: 
 
         with db.transaction() as conn:
             conn.execute("ALTER TABLE ledger_events DISABLE TRIGGER ledger_events_sealed_update")
-            row = conn.execute("SELECT event_id FROM ledger_events ORDER BY event_id LIMIT 1 OFFSET 2").fetchone()
+            row = conn.execute(
+                "SELECT event_id FROM ledger_events ORDER BY event_id LIMIT 1 OFFSET 2"
+            ).fetchone()
+            assert row is not None
             conn.execute("UPDATE ledger_events SET cost = 100 WHERE event_id = %s", (row["event_id"],))
             conn.execute("ALTER TABLE ledger_events ENABLE TRIGGER ledger_events_sealed_update")
         await pilot.press("g", *"-1d", "enter", "enter")
@@ -313,10 +331,14 @@ async def test_rotate_the_signing_key(cli: Cli, live: LiveSource) -> None:
         assert app.screen.ok, screen_text(app)  # type: ignore[attr-defined]
     after = json.loads(cli.ok("merkle", "list-keys", "-o", "json").stdout)
     assert len(after) == len(before) + 1
-    assert [k for k in after if k.get("retired_at") is None] != [k for k in before if k.get("retired_at") is None]
+    assert [k for k in after if k.get("retired_at") is None] != [
+        k for k in before if k.get("retired_at") is None
+    ]
 
 
-async def test_backup_snapshot_and_emergency_stop_and_resume(cli: Cli, live: LiveSource, key_dir: Path) -> None:
+async def test_backup_snapshot_and_emergency_stop_and_resume(
+    cli: Cli, live: LiveSource, key_dir: Path
+) -> None:
     _agent(cli, "ops-agent")
     app = make_app(live, initial_view="operations")
     async with app.run_test(size=(120, 40)) as pilot:

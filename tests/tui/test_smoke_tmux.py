@@ -27,7 +27,9 @@ class Terminal:
         self.env = env
 
     def run(self, *args: str) -> str:
-        return subprocess.run(["tmux", *args], check=True, capture_output=True, text=True, env=self.env).stdout
+        return subprocess.run(
+            ["tmux", *args], check=True, capture_output=True, text=True, env=self.env
+        ).stdout
 
     def screen(self) -> str:
         return self.run("capture-pane", "-p", "-t", self.session)
@@ -65,14 +67,12 @@ def home(tmp_path: Path) -> Iterator[Path]:
 def test_the_binary_paints_navigates_and_quits(home: Path, tmp_path: Path) -> None:
     session = f"caracal-tui-{uuid.uuid4().hex[:8]}"
     env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("CARACAL", "TMUX", "PYTEST"))
+        key: value for key, value in os.environ.items() if not key.startswith(("CARACAL", "TMUX", "PYTEST"))
     }
     env.update({"CARACAL_HOME": str(home), "TERM": "xterm-256color", "TMUX_TMPDIR": str(tmp_path)})
     terminal = Terminal(session, env)
     status_file = tmp_path / "exit-status"
-    command = f"{BIN} --refresh 1; echo $? > {status_file}"
+    command = f"{BIN} --refresh 1; echo $? > {status_file}; sleep 60"
     terminal.run("new-session", "-d", "-s", session, "-x", "100", "-y", "30", command)
     try:
         # the frame paints at once, before the embedded server is up

@@ -36,7 +36,9 @@ async def _history_tab(pilot: Pilot[Any]) -> None:
 
 CASES: dict[str, Case] = {
     "overview": Case("overview"),
-    "overview-degraded": Case("overview", source=lambda: FakeSource(degraded=True, deny_all=True, tampered=True)),
+    "overview-degraded": Case(
+        "overview", source=lambda: FakeSource(degraded=True, deny_all=True, tampered=True)
+    ),
     "agents": Case("agents"),
     "agents-filtered": Case("agents", keys=("slash", *"monthly")),
     "agent-detail": Case("agents", keys=("down", "down", "down", "enter")),
@@ -45,14 +47,18 @@ CASES: dict[str, Case] = {
     "dlq": Case("dlq", keys=("down",)),
     "dlq-inspect": Case("dlq", keys=("down", "enter")),
     "integrity": Case("integrity", source=lambda: FakeSource(tampered=True)),
-    "integrity-verified": Case("integrity", keys=("g", *"-24h", "enter", "enter"), source=lambda: FakeSource(tampered=True)),
+    "integrity-verified": Case(
+        "integrity", keys=("g", *"-24h", "enter", "enter"), source=lambda: FakeSource(tampered=True)
+    ),
     "operations": Case("operations"),
     "operations-readonly": Case("operations", readonly=True),
     "help": Case("agents", keys=("question_mark",)),
     "jump": Case("overview", keys=("colon", *"ag")),
     "form": Case("agents", keys=("down", "enter", "l")),
     "confirm": Case("dlq", keys=("x",)),
-    "run-done": Case("operations", keys=("down", "down", "enter", *"-1h", "enter", "enter", *"replay", "enter")),
+    "run-done": Case(
+        "operations", keys=("down", "down", "enter", *"-1h", "enter", "enter", *"replay", "enter")
+    ),
     "run-failed": Case("agents", keys=("s", "enter", *"suspend", "enter"), source=lambda: _failing_run()),
 }
 

@@ -254,6 +254,29 @@ def test_extend_frontier_matches_the_tree_builder(sizes: list[int]) -> None:
         assert proofs.frontier_root(size, frontier) == builder.root()
 
 
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_sparse_tree_paths_need_only_blocks_and_three_partial_blocks(data: st.DataObject) -> None:
+    start = data.draw(st.integers(0, 200))
+    size = data.draw(st.integers(start + 1, start + 200))
+    index = data.draw(st.integers(start, size - 1))
+    leaves = _leaves(size)
+    builder = merkle.TreeBuilder()
+    builder.extend(leaves[:start])
+    blocks = proofs.block_hashes(start, leaves[start:])
+    known: dict[int, bytes] = {}
+    b = proofs.BLOCK_LEAVES
+    for lo, hi in (
+        (start, min(-(-start // b) * b, size)),
+        (max(index // b * b, start), min(index // b * b + b, size)),
+        (max(size // b * b, start), size),
+    ):
+        known.update({i: leaves[i] for i in range(lo, hi)})
+    tree = proofs.SparseTree(start, builder.frontier, size, blocks, known)
+    assert tree.inclusion_path(index, size) == merkle.inclusion_proof(leaves, index, size)
+    assert len(known) <= 3 * b
+
+
 def test_partial_tree_refuses_nodes_inside_the_frontier() -> None:
     leaves = _leaves(8)
     builder = merkle.TreeBuilder()

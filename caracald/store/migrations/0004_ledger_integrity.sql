@@ -50,6 +50,9 @@ CREATE TABLE merkle_batches (
     consistency_proof    bytea NOT NULL CHECK (length(consistency_proof) % 32 = 0),
     -- this batch's leaf hashes in seq order (32 bytes each): proves one event without reading the batch
     leaf_hashes          bytea NOT NULL CHECK (length(leaf_hashes) % 32 = 0),
+    -- the roots of the aligned 32-leaf blocks (leaves 32k..32k+31, k counted from the first leaf of the
+    -- tree) lying wholly in this batch, in order: an event's audit path then needs ~60 hashes, not ~1000
+    block_hashes         bytea NOT NULL CHECK (length(block_hashes) % 32 = 0),
     checkpoint           text NOT NULL,
     key_name             text NOT NULL,
     key_id               text NOT NULL CHECK (key_id ~ '^[0-9a-f]{8}$'),
@@ -99,11 +102,13 @@ CREATE FUNCTION caracal_merkle_batches_guard() RETURNS trigger LANGUAGE plpgsql 
 BEGIN
     IF TG_OP = 'DELETE'
        OR (OLD.batch_id, OLD.first_seq, OLD.last_seq, OLD.event_count, OLD.tree_size, OLD.previous_tree_size,
-           OLD.root_hash, OLD.start_frontier, OLD.consistency_proof, OLD.leaf_hashes, OLD.checkpoint,
+           OLD.root_hash, OLD.start_frontier, OLD.consistency_proof, OLD.leaf_hashes, OLD.block_hashes,
+           OLD.checkpoint,
            OLD.key_name, OLD.key_id, OLD.min_occurred_at, OLD.max_occurred_at, OLD.created_at)
           IS DISTINCT FROM
           (NEW.batch_id, NEW.first_seq, NEW.last_seq, NEW.event_count, NEW.tree_size, NEW.previous_tree_size,
-           NEW.root_hash, NEW.start_frontier, NEW.consistency_proof, NEW.leaf_hashes, NEW.checkpoint,
+           NEW.root_hash, NEW.start_frontier, NEW.consistency_proof, NEW.leaf_hashes, NEW.block_hashes,
+           NEW.checkpoint,
            NEW.key_name, NEW.key_id, NEW.min_occurred_at, NEW.max_occurred_at, NEW.created_at) THEN
         RAISE EXCEPTION 'merkle batches are immutable' USING ERRCODE = 'integrity_constraint_violation';
     END IF;

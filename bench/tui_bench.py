@@ -1,0 +1,194 @@
+"""The dashboard's first paint and refresh time with 1,000 agents: from the fake source, from real PostgreSQL.
+
+    .venv/bin/python bench/tui_bench.py                       # fake source, then a throw-away PostgreSQL
+    .venv/bin/python bench/tui_bench.py --database-url postgresql://...   # an existing (empty) database
+    .venv/bin/python bench/tui_bench.py --fake-only
+
+The app runs headless at 160x48 and opens on the Agents view (the one that grows with the agents). Measured:
+
+* first paint: from starting the app until the Agents view has drawn its first snapshot (every agent with
+  its budgets), and until the first frame at all;
+* refresh: from asking for a refresh (``r``) until the new snapshot is drawn, repeated; split into the
+  source's part (in a worker thread: the queries) and the drawing (on the UI thread).
+
+The PostgreSQL run creates 1,000 agents (a tenth delegated under others), a daily policy each and a monthly
+one for every third, and 100 ledger events per agent in the current day. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from caracal_ops.cli.context import CliState
+from caracal_tui.app import CaracalApp
+from caracal_tui.fake import FakeSource
+from caracal_tui.live import LiveSource
+from caracal_tui.sources import DataSource
+from caracald.admin import agents as agent_admin
+from caracald.admin import policies as policy_admin
+from caracald.core.ledger import LedgerEvent, LedgerEventType
+from caracald.core.money import Money
+from caracald.store import ledger as ledger_store
+from caracald.store.database import Database
+from caracald.store.migrate import migrate
+
+AGENTS = 1000
+SIZE = (160, 48)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def measure(make_source: Callable[[], DataSource], refreshes: int) -> dict[str, object]:
+    started = time.perf_counter()
+    app = CaracalApp(make_source(), refresh_seconds=0, initial_view="agents", strict=True)
+    first_frame: float | None = None
+    async with app.run_test(size=SIZE) as pilot:
+        first_frame = time.perf_counter() - started
+        while not any(t.view == "agents" and t.key == "agents" for t in app.timings):
+            await pilot.pause(0.001)
+        first_paint = time.perf_counter() - started
+        first = next(t for t in app.timings if t.key == "agents")
+        await pilot.pause(0.2)
+        walls, fetches, renders = [], [], []
+        for _ in range(refreshes):
+            before = len(app.timings)
+            begun = time.perf_counter()
+            await pilot.press("r")
+            while not any(t.key == "agents" for t in list(app.timings)[before:]):
+                await pilot.pause(0.001)
+            walls.append(time.perf_counter() - begun)
+            timing = next(t for t in list(app.timings)[before:] if t.key == "agents")
+            fetches.append(timing.fetch_seconds)
+            renders.append(timing.render_seconds)
+            while not app.idle:
+                await pilot.pause(0.001)
+        rows = app.screen.query_one("#agents").row_count  # type: ignore[attr-defined]
+    return {
+        "rows": rows,
+        "first_frame": first_frame,
+        "first_paint": first_paint,
+        "first_fetch": first.fetch_seconds,
+        "first_render": first.render_seconds,
+        "refresh_p50": statistics.median(walls),
+        "refresh_p95": pct(walls, 0.95),
+        "fetch_p50": statistics.median(fetches),
+        "render_p50": statistics.median(renders),
+        "render_p95": pct(renders, 0.95),
+    }
+
+
+def report(label: str, result: dict[str, object]) -> None:
+    ms = {k: v * 1000 for k, v in result.items() if isinstance(v, float)}
+    print(f"{label}: {result['rows']} rows")
+    print(
+        f"  first paint {ms['first_paint']:7.1f} ms  (first frame {ms['first_frame']:.1f} ms; "
+        f"source {ms['first_fetch']:.1f} ms, drawing {ms['first_render']:.1f} ms)"
+    )
+    print(
+        f"  refresh     p50 {ms['refresh_p50']:6.1f} ms  p95 {ms['refresh_p95']:6.1f} ms  "
+        f"(source p50 {ms['fetch_p50']:.1f} ms; "
+        f"drawing p50 {ms['render_p50']:.1f} ms, p95 {ms['render_p95']:.1f} ms)"
+    )
+
+
+def populate(url: str) -> None:
+    migrate(url)
+    now = datetime.now(UTC)
+    day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    with Database(url) as db:
+        ids: list[uuid.UUID] = []
+        for index in range(AGENTS):
+            parent = ids[index % 50] if index >= 100 and index % 10 == 0 else None
+            created = agent_admin.create_agent(
+                db,
+                name=f"agent-{index:04d}",
+                owner=f"team-{index % 20}@example.com",
+                actor="bench",
+                parent_id=parent,
+            )
+            ids.append(created.agent.agent_id)
+        for index, agent_id in enumerate(ids):
+            limit = "1000000" if index < 100 else "500"
+            terms = policy_admin.parse_terms(limit, "USD", "daily", "calendar", "UTC")
+            policy_admin.create_policy(db, agent_id, terms, change_reason="bench", actor="bench")
+            if index % 3 == 0 and index >= 100:
+                monthly = policy_admin.parse_terms("5000", "USD", "monthly", "calendar", "UTC")
+                policy_admin.create_policy(db, agent_id, monthly, change_reason="bench", actor="bench")
+        seconds = max(int((now - day).total_seconds()) - 1, 1)
+        for start in range(0, len(ids), 100):
+            events = [
+                LedgerEvent(
+                    uuid.uuid4(),
+                    LedgerEventType.SETTLEMENT,
+                    agent_id,
+                    day + timedelta(seconds=(n * 7919 + i) % seconds),
+                    Money(Decimal("0.0125"), "USD"),
+                    resource="openai/v1/chat/completions",
+                    model="gpt-4o-mini",
+                    input_tokens=1000,
+                    output_tokens=200,
+                    request_id=uuid.uuid4(),
+                )
+                for i, agent_id in enumerate(ids[start : start + 100])
+                for n in range(100)
+            ]
+            with db.transaction() as conn:
+                ledger_store.insert_events(conn, events)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--database-url", help="An empty database to fill (default: a throw-away server)")
+    parser.add_argument("--fake-only", action="store_true")
+    parser.add_argument("--refreshes", type=int, default=20)
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {AGENTS} agents; terminal {SIZE}")
+
+    fake = asyncio.run(measure(lambda: FakeSource(agents=AGENTS, clock=None, live=True), args.refreshes))
+    report("fake source (values change on every refresh)", fake)
+    if args.fake_only:
+        return
+
+    service = None
+    url = args.database_url
+    if url is None:
+        from tests.harness.postgres import PostgresService
+
+        service = PostgresService.start()
+        service.create_database("tui_bench")
+        url = service.admin_uri("tui_bench")
+    try:
+        begun = time.perf_counter()
+        populate(url)
+        print(
+            f"(filled PostgreSQL in {time.perf_counter() - begun:.1f} s: "
+            f"{AGENTS} agents, {AGENTS * 100:,} events)"
+        )
+        live = asyncio.run(
+            measure(lambda: LiveSource(CliState(database_url=url, actor="bench")), args.refreshes)
+        )
+        report("PostgreSQL (LiveSource)", live)
+    finally:
+        if service is not None:
+            service.stop()
+
+
+if __name__ == "__main__":
+    main()
