@@ -51,6 +51,8 @@ class Timing:
     key: str
     fetch_seconds: float  # in the worker: the source's call
     render_seconds: float  # on the UI thread: drawing the snapshot
+    fetch_cpu: float = 0.0  # the same in CPU time of the thread (what they cost on an idle machine)
+    render_cpu: float = 0.0
 
 
 class CaracalApp(App[None]):
@@ -80,6 +82,7 @@ class CaracalApp(App[None]):
         initial_view: str = "overview",
         strict: bool = False,
         error_log: Path | None = None,
+        blink: bool = True,
     ) -> None:
         super().__init__()
         self.source = source
@@ -88,6 +91,8 @@ class CaracalApp(App[None]):
         self.initial_view = initial_view
         #: Raise unexpected exceptions (tests) instead of logging them and carrying on.
         self.strict = strict
+        #: Text cursors blink (off for tests and screenshots).
+        self.blink = blink
         self.error_log = error_log or Path(tempfile.gettempdir()) / f"caracal-tui-{os.getuid()}.log"
         self.alerts: tuple[Alert, ...] = ()
         self.timings: deque[Timing] = deque(maxlen=1000)
@@ -150,8 +155,16 @@ class CaracalApp(App[None]):
             if isinstance(screen, ViewScreen):
                 screen.show_alerts()
 
-    def record_timing(self, view: str, key: str, fetch: float, render: float) -> None:
-        self.timings.append(Timing(view, key, fetch, render))
+    def record_timing(
+        self,
+        view: str,
+        key: str,
+        fetch: float,
+        render: float,
+        fetch_cpu: float = 0.0,
+        render_cpu: float = 0.0,
+    ) -> None:
+        self.timings.append(Timing(view, key, fetch, render, fetch_cpu, render_cpu))
 
     # ------------------------------------------------------------------ navigation
 

@@ -8,12 +8,13 @@ import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import lru_cache
 
 from rich.text import Text
 
 from caracal_tui.sources import Health
 from caracald.core.errors import CaracalError, ValidationError
-from caracald.core.money import Money, format_amount
+from caracald.core.money import Money, format_amount, minor_units
 from caracald.core.timeparse import parse_timestamp
 
 _RELATIVE = re.compile(r"^\s*-\s*(\d+)\s*([smhdw])\s*$", re.IGNORECASE)
@@ -84,10 +85,22 @@ def short_id(value: uuid.UUID | str | None) -> str:
     return "-" if value is None else str(value)[:8]
 
 
+@lru_cache(maxsize=256)
+def _notation(currency: str) -> tuple[str, str, int]:
+    """(symbol, suffix, minor digits) of a currency: ``("$", "", 2)``, ``("", " CHF", 2)``."""
+    symbol = format_amount(Decimal(0), currency).rstrip("0.")
+    return symbol, "" if symbol else f" {currency}", minor_units(currency)
+
+
 def amount(money: Money, *, exact: bool = False) -> str:
-    """``$12.34`` (or ``12.34 CHF`` where the currency has no symbol)."""
-    text = format_amount(money.amount, money.currency, exact=exact)
-    return text if not text[:1].isdigit() and not text.startswith("-") else f"{text} {money.currency}"
+    """``$12.34`` (or ``12.34 CHF`` where the currency has no symbol), rounded half-even to the minor unit
+    as :func:`caracald.core.money.format_amount` does; ``exact`` keeps the sub-minor digits."""
+    symbol, suffix, digits = _notation(money.currency)
+    if exact:
+        text = format_amount(money.amount, money.currency, exact=True)
+        return text if symbol else f"{text}{suffix}"
+    sign = "-" if money.amount < 0 else ""
+    return f"{sign}{symbol}{abs(money.amount):,.{digits}f}{suffix}"
 
 
 def compact(money: Money) -> str:
@@ -96,8 +109,7 @@ def compact(money: Money) -> str:
     if value < 1000:
         return amount(money)
     sign = "-" if money.amount < 0 else ""
-    symbol = format_amount(Decimal(0), money.currency).rstrip("0.")
-    suffix = "" if symbol else f" {money.currency}"
+    symbol, suffix, _digits = _notation(money.currency)
     if value < 10_000:
         return f"{sign}{symbol}{value.quantize(Decimal(1)):,}{suffix}"
     for power, unit in ((3, "k"), (6, "M"), (9, "B"), (12, "T")):
@@ -132,13 +144,20 @@ def level_style(fraction: float) -> str:
 
 def bar(fraction: float, width: int = 10) -> Text:
     """``███████░░░  72%``: the bar coloured by how close to the limit, the percentage always written."""
-    shown = max(0.0, min(fraction, 1.0))
-    full = round(shown * width)
-    text = Text()
+    whole = math.floor(fraction * 100 + 1e-9)  # 99.9% is not yet 100%
+    return _bar(max(min(whole, 1000), 0), width)
+
+
+@lru_cache(maxsize=4096)
+def _bar(whole: int, width: int) -> Text:
+    """One bar per whole percentage and width: a refresh of a thousand agents draws few distinct ones.
+    (Cells are never changed in place, so sharing them is safe.)"""
+    fraction = whole / 100
+    full = round(max(0.0, min(fraction, 1.0)) * width)
     style = level_style(fraction)
+    text = Text()
     text.append("█" * full, style=style)
     text.append("░" * (width - full), style="dim")
-    whole = math.floor(fraction * 100 + 1e-9)  # 99.9% is not yet 100%
     percent = f"{whole:>3}%" if whole < 1000 else ">999%"
     text.append(f" {percent}", style=style if fraction >= 0.75 else "")
     return text

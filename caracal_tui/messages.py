@@ -18,6 +18,7 @@ class Loaded(Message):
     key: str
     data: object
     seconds: float
+    cpu_seconds: float = 0.0  # of the worker thread: what the call cost, however busy the machine
 
 
 @dataclass

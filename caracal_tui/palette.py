@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from textual.command import DiscoveryHit, Hit, Hits, Provider
-
-if TYPE_CHECKING:
-    from caracal_tui.app import CaracalApp
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +37,3 @@ class CaracalCommands(Provider):
                 yield Hit(
                     score, matcher.highlight(entry.name), entry.callback, text=entry.name, help=entry.help
                 )
-
-
-def palette_app(app: CaracalApp) -> CaracalApp:  # pragma: no cover - typing helper
-    return app

@@ -160,14 +160,16 @@ class Budget:
 
     @property
     def remaining(self) -> Money:
-        return self.limit - self.settled - self.held
+        return Money(self.limit.amount - self.settled.amount - self.held.amount, self.limit.currency)
 
     @property
     def fraction(self) -> float:
-        """Settled plus held over the limit (may exceed 1)."""
-        if self.limit.amount <= 0:
+        """Settled plus held over the limit (may exceed 1). Computed on the amounts: a dashboard asks for it
+        for every policy on every refresh."""
+        limit = self.limit.amount
+        if limit <= 0:
             return 1.0
-        return float(self.used.amount / self.limit.amount)
+        return float((self.settled.amount + self.held.amount) / limit)
 
 
 @dataclass(frozen=True, slots=True)

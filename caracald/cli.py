@@ -173,6 +173,7 @@ def _run_consumer(
     except CaracalError as exc:
         typer.echo(f"Error: {exc}", err=True)
         raise typer.Exit(3) from None
+    built.start_extras()
     code = run_consumer(
         kind,
         built.loop,

@@ -7,7 +7,6 @@ import uuid
 from typing import TYPE_CHECKING, ClassVar
 
 from rich.text import Text
-from textual import events
 from textual.app import ComposeResult
 from textual.widgets import DataTable, TabbedContent, TabPane
 
@@ -20,9 +19,6 @@ from caracal_tui.widgets.table import Row, SnapshotTable
 
 if TYPE_CHECKING:
     from caracal_tui.palette import Entry
-
-#: At this width and above, tables show their extra columns.
-WIDE = 120
 
 
 def _worst(agent: AgentRow) -> Budget | None:
@@ -60,7 +56,9 @@ class AgentsScreen(ViewScreen):
     def __init__(self) -> None:
         super().__init__()
         self.snapshot: AgentsSnapshot | None = None
-        self._wide: bool | None = None
+        #: Per agent: the row as last drawn, for the agent as it was then (most agents do not change
+        #: between two refreshes, and building a thousand rows is most of a refresh's time).
+        self._rows: dict[uuid.UUID, tuple[AgentRow, bool, Row]] = {}
 
     def compose_body(self) -> ComposeResult:
         yield StatusLine("loading…", id="status")
@@ -70,19 +68,11 @@ class AgentsScreen(ViewScreen):
     def table(self) -> SnapshotTable:
         return self.query_one("#agents", SnapshotTable)
 
-    def on_mount(self) -> None:
-        self._layout(self.size.width)
-        super().on_mount()
-
-    def on_resize(self, event: events.Resize) -> None:
-        if self._layout(event.size.width) and self.snapshot is not None:
+    def redraw(self) -> None:
+        if self.snapshot is not None:
             self.show_agents(self.snapshot)
 
-    def _layout(self, width: int) -> bool:
-        wide = width >= WIDE
-        if wide == self._wide:
-            return False
-        self._wide = wide
+    def setup_columns(self, wide: bool) -> None:
         columns: list[tuple[str, str, int | None]] = [("name", "Agent", 26 if wide else 15)]
         if wide:
             columns.append(("owner", "Owner", 22))
@@ -96,7 +86,6 @@ class AgentsScreen(ViewScreen):
         if wide:
             columns.append(("remaining", "Remaining", 12))
         self.table.set_columns(columns)
-        return True
 
     def reload(self) -> None:
         self.loader.load("agents", self.source.agents)
@@ -106,7 +95,7 @@ class AgentsScreen(ViewScreen):
         name = Text(agent.name, overflow="ellipsis", no_wrap=True)
         if worst is None:
             cells: list[Text | str] = [name]
-            if self._wide:
+            if self.wide:
                 cells.append(agent.owner)
             cells += [
                 status_text(agent.status),
@@ -115,30 +104,42 @@ class AgentsScreen(ViewScreen):
                 "-",
                 "-",
             ]
-            if self._wide:
+            if self.wide:
                 cells.append("-")
             return str(agent.agent_id), tuple(cells)
         window = worst.window + (f" +{len(agent.budgets) - 1}" if len(agent.budgets) > 1 else "")
         cells = [name]
-        if self._wide:
+        if self.wide:
             cells.append(agent.owner)
         cells += [
             status_text(agent.status),
             window,
-            bar(worst.fraction, 10 if self._wide else 5),
-            _spend(worst, wide=bool(self._wide)),
-            _held(worst, agent.holds) if self._wide else Text(count(agent.holds) if agent.holds else "-"),
+            bar(worst.fraction, 10 if self.wide else 5),
+            _spend(worst, wide=self.wide),
+            _held(worst, agent.holds) if self.wide else Text(count(agent.holds) if agent.holds else "-"),
         ]
-        if self._wide:
+        if self.wide:
             cells.append(amount(worst.remaining))
         return str(agent.agent_id), tuple(cells)
 
+    def _cached_row(self, agent: AgentRow, cache: dict[uuid.UUID, tuple[AgentRow, bool, Row]]) -> Row:
+        found = self._rows.get(agent.agent_id)
+        if found is not None and found[1] == self.wide and found[0] == agent:
+            cache[agent.agent_id] = found
+            return found[2]
+        row = self._row(agent)
+        cache[agent.agent_id] = (agent, self.wide, row)
+        return row
+
     def show_agents(self, snapshot: AgentsSnapshot) -> None:
         self.snapshot = snapshot
-        shown = [a for a in snapshot.agents if matches(a, self.filter_text)]
-        self.table.show_rows([self._row(a) for a in shown])
+        cache: dict[uuid.UUID, tuple[AgentRow, bool, Row]] = {}
+        wanted = self.filter_text
+        shown = [a for a in snapshot.agents if matches(a, wanted)]
+        self.table.show_rows([self._cached_row(a, cache) for a in shown])
+        self._rows = cache
         active = sum(1 for a in snapshot.agents if a.active)
-        near = sum(1 for a in snapshot.agents if (w := _worst(a)) is not None and w.fraction >= 0.9)
+        near = sum(1 for a in snapshot.agents if any(b.fraction >= 0.9 for b in a.budgets))
         text = Text()
         if self.filter_text:
             text.append(f"{count(len(shown))} of ", style="bold")
@@ -221,8 +222,7 @@ class AgentDetailScreen(ViewScreen):
             with TabPane("Policy history", id="tab-history"):
                 yield SnapshotTable(id="history")
 
-    def on_mount(self) -> None:
-        wide = self.size.width >= WIDE
+    def setup_columns(self, wide: bool) -> None:
         self.query_one("#scopes", SnapshotTable).set_columns(
             [
                 ("policy", "Policy", 8),
@@ -254,8 +254,14 @@ class AgentDetailScreen(ViewScreen):
                 ("reason", "Reason", 50 if wide else 18),
             ]
         )
+
+    def on_mount(self) -> None:
         self.query_one(TopBar).title = f"Agent {self.agent_name}"
         super().on_mount()
+
+    def redraw(self) -> None:
+        if self.detail is not None:
+            self.show_detail(self.detail)
 
     def reload(self) -> None:
         self.loader.load("detail", lambda: self.source.agent_detail(self.agent_id))
@@ -274,7 +280,7 @@ class AgentDetailScreen(ViewScreen):
         text.append(f" · {short_id(agent.agent_id)}", style="dim")
         self.query_one("#status", StatusLine).show(text)
         scopes = self.query_one("#scopes", SnapshotTable)
-        wide = self.size.width >= WIDE
+        wide = self.wide
         if detail.scopes:
             scopes.show_rows(
                 [

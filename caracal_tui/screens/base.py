@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+from textual import events
 from textual.app import ComposeResult
 from textual.dom import DOMNode
 from textual.screen import Screen
@@ -49,13 +50,14 @@ class Loader:
         screen = self._screen
 
         def work() -> None:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 data = call()
             except Exception as exc:
                 screen.post_message(LoadFailed(key, describe(exc)))
             else:
-                screen.post_message(Loaded(key, data, time.perf_counter() - started))
+                seconds = time.perf_counter() - started
+                screen.post_message(Loaded(key, data, seconds, time.thread_time() - cpu))
 
         screen.run_worker(work, thread=True, group=f"load-{key}", exit_on_error=False)
 
@@ -64,6 +66,10 @@ class Loader:
         again = self._again.pop(key, None)
         if again is not None:
             self.load(key, again)
+
+
+#: From this many columns on, views show their wide layout (more columns, full ids and amounts).
+WIDE = 120
 
 
 class ViewScreen(Screen[None]):
@@ -80,6 +86,7 @@ class ViewScreen(Screen[None]):
         super().__init__()
         self.loader = Loader(self)
         self.updated_at: str = ""
+        self.wide = False
         self.last_error: str | None = None
 
     # ------------------------------------------------------------------ plumbing
@@ -110,11 +117,26 @@ class ViewScreen(Screen[None]):
         yield from ()
 
     def on_mount(self) -> None:
+        self.wide = self.app.size.width >= WIDE
+        self.setup_columns(self.wide)
         bar = self.query_one(TopBar)
         bar.source = self.caracal.source_label
         bar.readonly = self.caracal.readonly
         self.show_alerts()
         self.reload()
+
+    def on_resize(self, event: events.Resize) -> None:
+        wide = event.size.width >= WIDE
+        if wide != self.wide:
+            self.wide = wide
+            self.setup_columns(wide)
+            self.redraw()
+
+    def setup_columns(self, wide: bool) -> None:
+        """Lay out the view's tables for a narrow (80 columns) or a wide terminal."""
+
+    def redraw(self) -> None:
+        """Draw the last snapshot again (after the layout changed)."""
 
     def on_screen_resume(self) -> None:
         self.show_alerts()
@@ -133,7 +155,7 @@ class ViewScreen(Screen[None]):
         message.stop()
         self.loader.done(message.key)
         self.last_error = None
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         handler = getattr(self, f"show_{message.key.replace('-', '_')}", None)
         if handler is not None:
             try:
@@ -141,7 +163,14 @@ class ViewScreen(Screen[None]):
             except Exception as exc:  # a bug in drawing: say so, keep the screen
                 self.report_error(f"could not show {message.key}: {describe(exc)}")
                 return
-        self.caracal.record_timing(self.VIEW, message.key, message.seconds, time.perf_counter() - started)
+        self.caracal.record_timing(
+            self.VIEW,
+            message.key,
+            message.seconds,
+            time.perf_counter() - started,
+            message.cpu_seconds,
+            time.thread_time() - cpu,
+        )
         self.post_message(Rendered(self.VIEW, message.key))
 
     def on_load_failed(self, message: LoadFailed) -> None:

@@ -125,8 +125,7 @@ class DlqScreen(ViewScreen):
     def table(self) -> SnapshotTable:
         return self.query_one("#letters", SnapshotTable)
 
-    def on_mount(self) -> None:
-        wide = self.size.width >= 120
+    def setup_columns(self, wide: bool) -> None:
         self.table.set_columns(
             [
                 ("id", "ID", 6),
@@ -136,7 +135,10 @@ class DlqScreen(ViewScreen):
                 ("message", "Message", 60 if wide else 21),
             ]
         )
-        super().on_mount()
+
+    def redraw(self) -> None:
+        if self.snapshot is not None:
+            self.show_letters(self.snapshot)
 
     def reload(self) -> None:
         self.loader.load("letters", self.source.dead_letters)
@@ -155,7 +157,7 @@ class DlqScreen(ViewScreen):
             self._show_detail()
             self.mark_updated()
             return
-        wide = self.size.width >= 120
+        wide = self.wide
         shown = [d for d in snapshot.letters if _matches(d, self.filter_text)]
         self.table.show_rows(
             [

@@ -85,8 +85,7 @@ class IntegrityScreen(ViewScreen):
     def table(self) -> SnapshotTable:
         return self.query_one("#batches", SnapshotTable)
 
-    def on_mount(self) -> None:
-        wide = self.size.width >= 120
+    def setup_columns(self, wide: bool) -> None:
         self.table.set_columns(
             [
                 ("batch", "Batch", 38 if wide else 9),
@@ -98,7 +97,10 @@ class IntegrityScreen(ViewScreen):
             ]
             + ([("at", "Checked", 11)] if wide else [])
         )
-        super().on_mount()
+
+    def redraw(self) -> None:
+        if self.snapshot is not None:
+            self.show_integrity(self.snapshot)
 
     def reload(self) -> None:
         self.loader.load("integrity", self.source.integrity)
@@ -116,7 +118,7 @@ class IntegrityScreen(ViewScreen):
             self.table.show_rows([])
             self.mark_updated()
             return
-        wide = self.size.width >= 120
+        wide = self.wide
         shown = [b for b in snapshot.batches if _matches(b, self.filter_text)]
         self.table.show_rows(
             [

@@ -14,6 +14,7 @@ from caracal_tui.format import amount, count, describe, parse_when, stamp, token
 from caracal_tui.screens.base import ViewScreen
 from caracal_tui.sources import LedgerPage, LedgerQuery, LedgerRow
 from caracal_tui.widgets.bars import StatusLine
+from caracal_tui.widgets.inputs import TextInput
 from caracal_tui.widgets.table import SnapshotTable
 
 _TYPE_STYLE = {"denial": "red", "expiry": "yellow", "adjustment": "cyan", "reservation": "dim"}
@@ -59,11 +60,11 @@ class LedgerScreen(ViewScreen):
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="query"):
             yield Label("Agent")
-            yield Input(placeholder="name or id (all)", compact=True, id="q-agent")
+            yield TextInput(placeholder="name or id (all)", compact=True, id="q-agent")
             yield Label("From")
-            yield Input(value="-24h", compact=True, id="q-start")
+            yield TextInput(value="-24h", compact=True, id="q-start")
             yield Label("To")
-            yield Input(value="now", compact=True, id="q-end")
+            yield TextInput(value="now", compact=True, id="q-end")
         yield StatusLine("loading…", id="status")
         yield SnapshotTable(id="ledger")
 
@@ -71,8 +72,7 @@ class LedgerScreen(ViewScreen):
     def table(self) -> SnapshotTable:
         return self.query_one("#ledger", SnapshotTable)
 
-    def on_mount(self) -> None:
-        wide = self.size.width >= 120
+    def setup_columns(self, wide: bool) -> None:
         if wide:
             self.table.set_columns(
                 [
@@ -97,7 +97,10 @@ class LedgerScreen(ViewScreen):
                     ("cost", "Cost", 10),
                 ]
             )
-        super().on_mount()
+
+    def redraw(self) -> None:
+        if self.page is not None:
+            self.show_page(self.page)
 
     def set_agent(self, agent: str) -> None:
         self.query_one("#q-agent", Input).value = agent
@@ -150,7 +153,7 @@ class LedgerScreen(ViewScreen):
 
     def show_page(self, page: LedgerPage) -> None:
         self.page = page
-        wide = self.size.width >= 120
+        wide = self.wide
         rows = [r for r in page.rows if _matches(r, self.filter_text)]
         self.table.show_rows([(str(r.event_id), self._cells(r, wide=wide)) for r in rows])
         query = page.query

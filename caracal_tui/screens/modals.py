@@ -20,6 +20,7 @@ from caracal_tui.actions import ActionSpec
 from caracal_tui.format import describe
 from caracal_tui.messages import ActionDone, ActionProgress
 from caracal_tui.sources import ActionPlan, ProgressKind
+from caracal_tui.widgets.inputs import TextInput
 
 if TYPE_CHECKING:
     from caracal_tui.app import CaracalApp
@@ -115,7 +116,9 @@ class JumpScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         names = [v.id for v in keymap.VIEWS]
         with Vertical():
-            yield Input(placeholder="view: " + ", ".join(names), suggester=SuggestFromList(names), id="jump")
+            yield TextInput(
+                placeholder="view: " + ", ".join(names), suggester=SuggestFromList(names), id="jump"
+            )
             listing = "  ".join(f"{v.key} {v.id}" for v in keymap.VIEWS)
             yield Label(listing, classes="hint", id="jump-hint")
 
@@ -156,7 +159,7 @@ class FormScreen(ModalScreen[dict[str, str] | None]):
             yield Label(self._spec.description, classes="hint")
             for field in self._spec.fields:
                 yield Label(field.label + (" *" if field.required else ""))
-                yield Input(
+                yield TextInput(
                     value=self._defaults.get(field.name, ""),
                     placeholder=field.placeholder,
                     id=f"field-{field.name}",
@@ -212,7 +215,7 @@ class ConfirmScreen(ModalScreen[bool]):
             yield Label(
                 Text.assemble("Type ", (self.plan.confirm_word, "bold reverse"), " to run it, esc to cancel:")
             )
-            yield Input(placeholder="the word, then enter", id="confirm-word", compact=True)
+            yield TextInput(placeholder="the word, then enter", id="confirm-word", compact=True)
             yield Label("", classes="error", id="confirm-error")
 
     def _steps(self) -> Text:

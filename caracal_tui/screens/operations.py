@@ -44,8 +44,7 @@ class OperationsScreen(ViewScreen):
     def table(self) -> SnapshotTable:
         return self.query_one("#operations", SnapshotTable)
 
-    def on_mount(self) -> None:
-        wide = self.size.width >= 120
+    def setup_columns(self, wide: bool) -> None:
         self.table.set_columns(
             [
                 ("name", "Operation", 22),
@@ -55,7 +54,10 @@ class OperationsScreen(ViewScreen):
         )
         if self.caracal.readonly:
             self.table.display = False
-        super().on_mount()
+
+    def redraw(self) -> None:
+        if self.snapshot is not None:
+            self.show_operations(self.snapshot)
 
     def reload(self) -> None:
         self.loader.load("operations", self.source.operations)

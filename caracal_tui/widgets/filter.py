@@ -7,6 +7,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import Input, Label
 
+from caracal_tui.widgets.inputs import TextInput
+
 
 class FilterBar(Horizontal):
     DEFAULT_CSS = """
@@ -31,7 +33,9 @@ class FilterBar(Horizontal):
 
     def compose(self) -> ComposeResult:
         yield Label("/")
-        yield Input(placeholder="filter (name, owner, status, error ...)", compact=True, id="filter-input")
+        yield TextInput(
+            placeholder="filter (name, owner, status, error ...)", compact=True, id="filter-input"
+        )
 
     @property
     def input(self) -> Input:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from rich.console import RenderableType
 from textual.geometry import Size
 from textual.widgets import DataTable
-from textual.widgets.data_table import RowDoesNotExist, RowKey
+from textual.widgets.data_table import ColumnKey, RowDoesNotExist, RowKey
 
 Row = tuple[str, tuple[RenderableType, ...]]
 
@@ -57,12 +57,19 @@ class SnapshotTable(DataTable[RenderableType]):
     def show_rows(self, rows: Sequence[Row]) -> None:
         keys = [key for key, _ in rows]
         if keys == self._keys:
+            changed = False
             for (key, cells), old in zip(rows, self._cells, strict=True):
-                if cells == old:
+                if cells is old or cells == old:
                     continue
+                data = self._data[RowKey(key)]
                 for column, new, previous in zip(self._columns, cells, old, strict=False):
                     if new != previous:
-                        self.update_cell(key, column, new)
+                        data[ColumnKey(column)] = new
+                        changed = True
+            if changed:
+                # update_cell() repaints once per cell; a refresh changes hundreds: one repaint for all
+                self._update_count += 1
+                self.refresh()
         else:
             current = self.selected_key
             self.clear()

@@ -60,7 +60,8 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from caracald.budget.base import (
     Admission,
@@ -367,11 +368,9 @@ class _ScriptBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _send(self, batch: list[_Call]) -> None:
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
         try:
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._execute(commands)
         except asyncio.CancelledError:
             for *_, future in batch:
                 future.cancel()
@@ -393,6 +392,46 @@ class _ScriptBatcher:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write on one pooled connection and read every reply (an error reply in
+        its place). A connection that fails is dropped and the batch sent again on another, twice at most:
+        the scripts are idempotent by request id, so a batch that did run answers the same the second time."""
+        pool: Any = self._client.connection_pool
+        for attempt in range(3):
+            connection = await pool.get_connection()
+            try:
+                packed = _pack(connection, commands)
+                await connection.send_packed_command(packed, check_health=False)
+                replies: list[Any] = []
+                for _ in commands:
+                    try:
+                        replies.append(await connection.read_response())
+                    except ResponseError as exc:
+                        replies.append(exc)
+                return replies
+            except (RedisConnectionError, TimeoutError, OSError):
+                await connection.disconnect()
+                if attempt == 2:
+                    raise
+            finally:
+                await pool.release(connection)
+        raise AssertionError("unreachable")
+
+
+def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
+    """The commands in Redis's protocol: by hiredis (C) when it is installed, by redis-py otherwise."""
+    if _hiredis_pack is not None:
+        return b"".join([_hiredis_pack(command) for command in commands])
+    packed: list[bytes] = connection.pack_commands(commands)
+    return packed
+
+
+_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
+try:
+    from hiredis import pack_command as _hiredis_pack
+except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py packs without it
+    _hiredis_pack = None
 
 
 class RedisBudget:

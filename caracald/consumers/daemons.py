@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 from caracald.consumers import audit_logger, ledger_writer, metrics_aggregator
+from caracald.consumers.sealing import PeriodicSealer
 from caracald.core.events import AUDIT_TOPIC, DLQ_TOPIC, METERING_TOPIC
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.daemon import ConsumerLoop
@@ -43,10 +44,23 @@ _log = logging.getLogger(__name__)
 class Built:
     kind: Kind
     loop: ConsumerLoop
-    close: Callable[[], None]
+    _close: Callable[[], None]
     bus: str
     group: str
     topic: str
+    #: The ledger writer's periodic sealing (see caracald.consumers.sealing), started by :meth:`start_extras`.
+    sealer: PeriodicSealer | None = None
+
+    def start_extras(self) -> None:
+        if self.sealer is not None:
+            self.sealer.start()
+
+    def close(self) -> None:
+        try:
+            if self.sealer is not None:
+                self.sealer.stop()
+        finally:
+            self._close()
 
 
 def kafka_settings(config: CaracalConfig) -> dict[str, Any] | None:
@@ -66,9 +80,14 @@ def build(
     topic: str | None = None,
     dlq_topic: str = DLQ_TOPIC,
     batch_size: int | None = None,
+    seal: bool = True,
     **options: Any,
 ) -> Built:
-    """The consumer ``kind`` per ``config`` (its bus, Kafka settings, Redis), reading ``database_url``."""
+    """The consumer ``kind`` per ``config`` (its bus, Kafka settings, Redis), reading ``database_url``.
+
+    The ledger writer also seals its events into Merkle batches (``seal``; see
+    :mod:`caracald.consumers.sealing`), once :meth:`Built.start_extras` is called.
+    """
     default_group, default_topic = DEFAULTS[kind]
     group = group or default_group
     topic = topic or default_topic
@@ -97,7 +116,8 @@ def build(
             finally:
                 writer.dlq_producer.close()
 
-        return Built(kind, writer, close_writer, bus, group, topic)
+        sealer = PeriodicSealer.for_config(config, database_url) if seal else None
+        return Built(kind, writer, close_writer, bus, group, topic, sealer)
     if kind == "audit-logger":
         logger = audit_logger.build(
             bus,
@@ -145,6 +165,7 @@ class InProcessConsumers:
 
     def start(self) -> InProcessConsumers:
         for built in self.consumers:
+            built.start_extras()
             thread = threading.Thread(
                 target=self._run, args=(built,), name=f"caracal-{built.kind}", daemon=True
             )

@@ -33,7 +33,7 @@ from caracald.core.budget import spend_slot
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
-from caracald.gateway.sinks import EventSink, SplitSink
+from caracald.gateway.sinks import EventSink, LoopDelivery, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.sdnotify import Notifier, Watchdog
@@ -102,9 +102,10 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         from caracald.bus.kafka import KafkaProducer, client_config
 
         # Two producers (see SplitSink): the bus's batching one, and one without linger for the reservations
-        # of a quiet gateway, each with its own spool (the prompt one in a subfolder).
-        batched = KafkaProducer(client_config(config.kafka))
-        prompt = KafkaProducer(client_config(config.kafka, **{"linger.ms": 0}))
+        # of a quiet gateway, each with its own spool (the prompt one in a subfolder); their deliveries
+        # reach the event loop in batches (LoopDelivery).
+        batched: Any = LoopDelivery(KafkaProducer(client_config(config.kafka)))
+        prompt: Any = LoopDelivery(KafkaProducer(client_config(config.kafka, **{"linger.ms": 0})))
         if config.bus.spool_dir is not None:
             from caracald.bus.spool import Spool, SpoolingSink
 

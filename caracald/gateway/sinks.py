@@ -10,8 +10,10 @@ starves the rest of the process; it serves tests and the embedded gateway when n
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
-from typing import Protocol, runtime_checkable
+import collections
+import functools
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
 
 from caracald.core.events import MeteringEvent
 from caracald.core.ledger import LedgerEventType
@@ -118,6 +120,88 @@ class SplitSink:
             close = getattr(sink, "close", None)
             if close is not None:
                 close()
+
+
+class LoopDelivery:
+    """A Kafka producer (:class:`caracald.bus.kafka.KafkaProducer`) whose sends from the event loop answer
+    asyncio futures, resolved on the loop in batches.
+
+    The bus's producer answers every send with a thread-safe future that its delivery thread resolves, each
+    resolution then waking the event loop on its own: per record a lock, a condition and a cross-thread
+    wake-up. Here the delivery thread only queues the outcome and wakes the loop once for whatever has queued
+    meanwhile, and the loop resolves them all. The sinks take either kind of future (``asyncio.wrap_future``
+    passes an asyncio future through). Sends from any other thread (the spool's forwarder), sends while the
+    local queue is full, and a producer without the expected insides go to the producer itself, unchanged.
+    """
+
+    def __init__(self, producer: Any) -> None:
+        self.producer = producer
+        self._kafka = getattr(producer, "_producer", None)
+        self._closed = getattr(producer, "_closed", None)
+        self._done: collections.deque[tuple[asyncio.Future[None], Any]] = collections.deque()
+        self._wakeup_pending = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def send(self, topic: str, value: bytes, *, key: bytes | None = None, headers: Any = ()) -> Any:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or self._kafka is None or self._closed is None or self._closed.is_set():
+            return self.producer.send(topic, value, key=key, headers=headers)
+        self._loop = loop
+        future: asyncio.Future[None] = loop.create_future()
+        callback = functools.partial(self._delivered, future)
+        try:
+            self._kafka.produce(topic, value, key, headers=list(headers) or None, on_delivery=callback)
+        except BufferError:
+            # The local queue is full: the producer's own send waits for room (and fails in time).
+            return self.producer.send(topic, value, key=key, headers=headers)
+        except Exception:
+            return self.producer.send(topic, value, key=key, headers=headers)  # raises the bus's error
+        return future
+
+    def _delivered(self, future: asyncio.Future[None], error: Any, message: Any) -> None:
+        """On the delivery thread (or whoever polls): queue the outcome, wake the loop once."""
+        self._done.append((future, error))
+        if not self._wakeup_pending and self._loop is not None:
+            self._wakeup_pending = True
+            try:
+                self._loop.call_soon_threadsafe(self._resolve)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                self._wakeup_pending = False
+
+    def _resolve(self) -> None:
+        self._wakeup_pending = False  # before draining: an outcome queued from now on wakes the loop again
+        done = self._done
+        while done:
+            future, error = done.popleft()
+            if future.done():  # cancelled by its owner (a timeout)
+                continue
+            if error is None:
+                future.set_result(None)
+                continue
+            future.set_exception(self._error(error))
+
+    def _error(self, error: Any) -> BaseException:
+        """The bus producer's own reading of a delivery error (unavailable, or refused)."""
+        classify = getattr(type(self.producer), "_delivered", None)
+        if classify is not None:
+            answer: Future[None] = Future()
+            classify(answer, error, None)
+            exception = answer.exception()
+            if exception is not None:
+                return exception
+        from caracald.bus.base import BusUnavailableError
+
+        return BusUnavailableError(f"Kafka did not acknowledge: {error}")
+
+    def flush(self, timeout: float = 30.0) -> int:
+        remaining: int = self.producer.flush(timeout)
+        return remaining
+
+    def close(self, timeout: float = 30.0) -> None:
+        self.producer.close(timeout)
 
 
 class MemorySink:

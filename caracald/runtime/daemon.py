@@ -11,7 +11,8 @@ hand it to :func:`run_consumer`, which
   ``WATCHDOG=1`` from the loop itself (its ``on_beat`` hook, called on every turn), never from a thread of
   its own, so a stuck loop stops the pings and systemd restarts the daemon;
 * turns SIGTERM and SIGINT into a graceful stop: the batch in hand is applied and committed, then the loop
-  ends, everything is closed and the process exits 0 (``STOPPING=1`` is sent first).
+  ends, everything is closed and the process exits 0 (``STOPPING=1`` is sent first);
+* dumps every thread's stack to its log on SIGUSR1 (what a stuck daemon is doing).
 
 A port that cannot be bound (in use) is reported in the log and the daemon runs on without that endpoint:
 consuming matters more than being observed, and the probes failing will say so.
@@ -19,6 +20,8 @@ consuming matters more than being observed, and the probes failing will say so.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import json
 import logging
 import signal
@@ -194,6 +197,9 @@ def run_consumer(
             _log.error("%s: cannot serve /metrics on %s:%d: %s", name, host, metrics_port, exc)
     notifier = Notifier.from_environment()
     loop.on_beat = ReadyNotifier(loop, notifier, status or f"{name}: consuming")
+    with contextlib.suppress(ValueError, OSError, AttributeError):  # not the main thread, or no SIGUSR1
+        # `kill -USR1 <pid>` writes every thread's stack to the log: what a stuck daemon is doing
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     if install_signals:
 

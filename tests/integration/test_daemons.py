@@ -240,3 +240,37 @@ def test_a_bad_configuration_exits_3_with_one_line(tmp_path: Path) -> None:
     with daemon("ledger-writer", config, env=daemon_env(), log=log) as proc:
         assert proc.wait(30) == 3
     assert log.read_text().strip().startswith("Error: invalid configuration")
+
+
+def test_the_ledger_writer_seals_what_it_writes_once_a_key_exists(tmp_path: Path, database_url: str) -> None:
+    from tests.integration.conftest import Cli
+
+    key_dir = tmp_path / "keys"
+    config = write_config(
+        tmp_path / "caracal.yaml",
+        database_url,
+        integrity={"key_dir": str(key_dir), "batch_size": 100, "batch_max_age_seconds": 0.5},
+    )
+    events = make_events(add_agents(database_url, 2), 250)
+    producer = pg_log.PgLogProducer(database_url)
+    try:
+        send_events(producer, events)
+    finally:
+        producer.close()
+    log = tmp_path / "log"
+    args = ["--health-port", "0", "--metrics-port", "0"]
+    with daemon("ledger-writer", config, *args, log=log) as proc:
+        wait_for(lambda: ledger_count(database_url) == 250, what="the events")
+        wait_for(lambda: "are not sealed" in log.read_text(), what="the warning about the missing key")
+        cli = Cli(database_url, env={"CARACAL_CONFIG": str(config)})
+        cli.ok("merkle", "generate-key")  # picked up on the next round, no restart
+        wait_for(
+            lambda: (
+                rows(database_url, "SELECT count(*) AS n FROM ledger_events WHERE seq IS NULL")[0]["n"] == 0
+            ),
+            what="every event sealed",
+        )
+        assert stop_daemon(proc, signal.SIGTERM) == 0
+    assert len(rows(database_url, "SELECT 1 FROM merkle_batches")) == 3
+    verified = cli.ok("merkle", "verify-range", "--start-time", "2000-01-01T00:00:00Z", "--end-time", "now")
+    assert "PASSED" in verified.stdout

@@ -370,7 +370,8 @@ def test_terminated_connections_pause_the_consumers_and_lose_or_duplicate_nothin
     tmp_path: Path, database_url: str, redis_service: RedisService, run_daemons: Any
 ) -> None:
     config = write_config(tmp_path / "caracal.yaml", database_url, redis={"url": redis_service.url})
-    daemons = run_daemons(config)
+    # small batches: each transaction must fit between two kills
+    daemons = run_daemons(config, CONSUMERS, {name: ["--batch-size", "200"] for name in CONSUMERS})
     agents = add_agents(database_url, 4)
     events = make_events(agents, 4000)
     audits = [audit_event(n) for n in range(200)]

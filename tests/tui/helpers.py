@@ -19,6 +19,7 @@ def make_app(source: DataSource, *, tmp_path: Path | None = None, **kwargs: Any)
     """An app that never refreshes on its own (tests say when) and raises what it would otherwise log."""
     kwargs.setdefault("refresh_seconds", 0)
     kwargs.setdefault("strict", True)
+    kwargs.setdefault("blink", False)
     if tmp_path is not None:
         kwargs.setdefault("error_log", tmp_path / "caracal-tui.log")
     return CaracalApp(source, **kwargs)

@@ -1,15 +1,19 @@
-"""The gateway's split sink: reservations of a quiet gateway go unbatched, everything else batched."""
+"""The gateway's sinks: reservations of a quiet gateway unbatched, Kafka deliveries reaching the loop in batches."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
+from concurrent.futures import Future
 from datetime import UTC, datetime
+from typing import Any
 
+from caracald.bus.base import DeliveryError
 from caracald.core.events import MeteringEvent
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
-from caracald.gateway.sinks import MemorySink, SplitSink
+from caracald.gateway.sinks import LoopDelivery, MemorySink, SplitSink
 
 
 def event(kind: LedgerEventType) -> MeteringEvent:
@@ -61,3 +65,69 @@ def test_under_load_reservations_are_batched_too() -> None:
     asyncio.run(run())
     assert len(prompt.events) == 4
     assert len(batched.events) == 6
+
+
+class FakeKafka:
+    """The confluent producer inside the bus's KafkaProducer: records each delivery callback."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Any] = []
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, **kwargs: Any) -> None:
+        self.callbacks.append(kwargs["on_delivery"])
+
+
+class FakeProducer:
+    """What LoopDelivery wraps: the bus producer's send for other threads, its insides for the loop."""
+
+    def __init__(self) -> None:
+        self._producer = FakeKafka()
+        self._closed = threading.Event()
+        self.direct: list[bytes] = []
+
+    def send(self, topic: str, value: bytes, *, key: bytes | None = None, headers: Any = ()) -> Future[None]:
+        self.direct.append(value)
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    @staticmethod
+    def _delivered(future: Future[None], error: Any, message: Any) -> None:
+        future.set_exception(DeliveryError(f"refused: {error}"))
+
+
+def test_loop_delivery_resolves_asyncio_futures_in_batches_from_the_delivery_thread() -> None:
+    producer = FakeProducer()
+    delivery = LoopDelivery(producer)
+
+    async def run() -> list[Any]:
+        futures = [delivery.send("t", b"v%d" % i) for i in range(5)]
+        assert all(isinstance(f, asyncio.Future) for f in futures)
+        wakeups = 0
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counting(*args: Any) -> Any:
+            nonlocal wakeups
+            wakeups += 1
+            return real(*args)
+
+        loop.call_soon_threadsafe = counting  # type: ignore[method-assign]
+
+        def deliver() -> None:
+            for i, callback in enumerate(producer._producer.callbacks):
+                callback(None if i != 3 else "broker said no", None)
+
+        thread = threading.Thread(target=deliver)
+        thread.start()
+        thread.join()
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        assert wakeups == 1
+        return results
+
+    results = asyncio.run(run())
+    assert results[:3] == [None, None, None] and results[4] is None
+    assert isinstance(results[3], DeliveryError)
+    # Off the loop (the spool's forwarder runs in a thread), the bus producer answers itself.
+    assert delivery.send("t", b"direct").result() is None
+    assert producer.direct == [b"direct"]
