@@ -177,8 +177,9 @@ def badge(health: Health) -> Text:
     return Text(label, style=style)
 
 
+@lru_cache(maxsize=16)
 def status_text(status: str) -> Text:
-    """An agent's status, with a mark and a colour."""
+    """An agent's status, with a mark and a colour (shared: cells are never changed in place)."""
     if status == "active":
         return Text("● active", style="green")
     if status == "suspended":

@@ -168,3 +168,11 @@ def kafka_service() -> KafkaService:
     """A Kafka broker (KRaft combined mode, one node); ``.bootstrap_servers`` is ``127.0.0.1:PORT``."""
     service = _kafka.get()
     return service.wait_ready() if service.managed else service
+
+
+# Hypothesis' per-example deadline measures wall time, which a busy 2-core machine stretches at random:
+# correctness properties must not fail on timing.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("caracal", deadline=None)
+_hypothesis_settings.load_profile("caracal")

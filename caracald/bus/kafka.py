@@ -4,8 +4,12 @@ The producer sends with ``acks=all`` and ``enable.idempotence=true`` (no duplica
 retries); a record's future resolves when the in-sync replicas have it. Delivery reports are served by a
 background thread, so ``await``-ing a send never blocks an event loop.
 
-The consumer never commits on its own (``enable.auto.commit=false``): :meth:`KafkaBatchConsumer.commit` is
-called after the batch is applied. It reads only committed transactional data
+The consumer commits only what it was told was applied: :meth:`KafkaBatchConsumer.commit`, called after a
+batch is applied, *stores* its offsets (``enable.auto.offset.store=false``: nothing else is ever stored) and
+asks for an asynchronous commit of them at once; librdkafka's committer (``enable.auto.commit``, every second)
+commits the stored offsets again until one succeeds, on a rebalance and on close. A synchronous commit is
+not used: during a broker restart it can wait forever for a coordinator (seen in the fault tests), which
+would stop the consumer and its watchdog pings. It reads only committed transactional data
 (``isolation.level=read_committed``). librdkafka reports some conditions as messages carrying an error; here
 partition EOFs are skipped, transient errors are logged (and raised as
 :class:`~caracald.bus.base.BusUnavailableError` when no record came with them), and fatal or configuration
@@ -195,8 +199,11 @@ class KafkaBatchConsumer:
             **config,
             **(overrides or {}),
             "group.id": group,
-            "enable.auto.commit": False,
+            # Commits only the offsets stored by commit() (auto.offset.store is off); see the module doc.
+            "enable.auto.commit": True,
+            "auto.commit.interval.ms": 1000,
             "enable.auto.offset.store": False,
+            "on_commit": self._on_commit,
             "auto.offset.reset": start,
             "isolation.level": "read_committed",
             "enable.partition.eof": False,
@@ -256,23 +263,41 @@ class KafkaBatchConsumer:
         return records
 
     def commit(self, records: Sequence[Record]) -> None:
+        """Store the offsets after ``records`` and commit them asynchronously (see the module doc).
+
+        Raises :class:`CommitFailedError` when a partition is no longer this consumer's (its records will
+        be read again by whoever owns it now). A commit the broker refuses is retried by the committer.
+        """
         positions = next_offsets(records)
         if not positions:
             return
+        owned = [tp for tp in positions if tp in self._assignment]
+        lost = sorted(tp for tp in positions if tp not in self._assignment)
         offsets = [
-            TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()
+            TopicPartition(topic, partition, positions[(topic, partition)]) for topic, partition in owned
         ]
-        try:
-            result = self._consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            raise CommitFailedError(f"cannot commit offsets: {_describe(exc)}") from None
-        failed = [p for p in result or () if p.error is not None]
-        if failed:
+        if offsets:
+            try:
+                self._consumer.store_offsets(offsets=offsets)
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:
+                raise CommitFailedError(f"cannot commit offsets: {_describe(exc)}") from None
+            except RuntimeError as exc:  # the consumer was closed
+                raise CommitFailedError(f"cannot commit offsets: {exc}") from None
+            self._committed.update((tp, positions[tp]) for tp in owned)
+        if lost:
             raise CommitFailedError(
-                "cannot commit offsets: "
-                + ", ".join(f"{p.topic}[{p.partition}]: {_describe(p.error)}" for p in failed)
+                "cannot commit offsets of partitions no longer assigned: "
+                + ", ".join(f"{topic}[{partition}]" for topic, partition in lost)
             )
-        self._committed.update(positions)
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = [p for p in partitions or () if p.error is not None]
+        if error is not None or failed:
+            # The stored offsets stay stored: the committer tries again within a second.
+            detail = _describe(error) if error is not None else _describe(failed[0].error)
+            if error is None or error.code() != KafkaError._NO_OFFSET:
+                _log.warning("group %s: a commit failed, retrying: %s", self._group, detail)
 
     def lag(self) -> dict[tuple[str, int], int]:
         """Per owned partition: the high watermark minus the committed offset.
