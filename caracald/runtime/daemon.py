@@ -204,9 +204,9 @@ def run_consumer(
     if install_signals:
 
         def handler(signum: int, frame: FrameType | None) -> None:
+            loop.stop()  # first: whatever the handler interrupted, the loop is told
             _log.info("%s: signal %d: finishing the batch in hand, then stopping", name, signum)
             notifier.stopping(f"{name}: stopping")
-            loop.stop()
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)

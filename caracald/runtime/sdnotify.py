@@ -66,7 +66,8 @@ class Notifier:
         if address and self._target is None:
             log.warning("NOTIFY_SOCKET=%r is not a unix socket address: notifications are off", address)
         self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler (SIGTERM's STOPPING=1) can run on a thread that is already sending.
+        self._lock = threading.RLock()
 
     @classmethod
     def from_environment(

@@ -218,6 +218,10 @@ def stop_daemon(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeou
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
+        # Its threads' stacks into its log first (the daemons dump them on SIGUSR1): why it hangs.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(1)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
         raise AssertionError(f"the daemon did not stop within {timeout} s") from None

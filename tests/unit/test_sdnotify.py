@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 import uuid
@@ -194,3 +195,20 @@ async def test_watchdog_run_feeds_while_the_event_loop_turns(listener: tuple[str
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_a_signal_handler_can_notify_while_a_notification_is_being_sent(
+    listener: tuple[str, socket.socket],
+) -> None:
+    """SIGTERM's handler sends STOPPING=1; the signal may land while the main thread is inside a send (the
+    loop's WATCHDOG=1). That must not hang the daemon's shutdown."""
+    address, sock = listener
+    with Notifier(address) as notifier:
+        previous = signal.signal(signal.SIGUSR2, lambda signum, frame: notifier.stopping("stopping"))
+        try:
+            with notifier._lock:  # the state a send is in when the signal arrives
+                os.kill(os.getpid(), signal.SIGUSR2)
+                time.sleep(0.01)  # the handler runs here, on this thread
+        finally:
+            signal.signal(signal.SIGUSR2, previous)
+        assert _receive(sock) == ["STOPPING=1", "STATUS=stopping"]
