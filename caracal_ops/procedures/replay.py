@@ -36,6 +36,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from caracal_ops.procedures.framework import Plan, StepContext, StepFailed
+from caracald.bus.base import BusError
 from caracald.core.errors import CaracalError, NotFoundError, StoreUnavailableError, ValidationError
 from caracald.core.events import AUDIT_TOPIC, METERING_TOPIC
 from caracald.runtime.config import CaracalConfig
@@ -213,17 +214,15 @@ class KafkaBus:
         return sorted(described.partitions)
 
     def committed(self, group: str, topic: str) -> dict[int, int]:
-        from confluent_kafka import ConsumerGroupTopicPartitions, KafkaException, TopicPartition
+        # Through a consumer of the group, not the admin API, which can crash the process right after a
+        # broker restart (see caracald.bus.kafka.committed_offsets).
+        from caracald.bus.kafka import committed_offsets
 
-        request = ConsumerGroupTopicPartitions(
-            group, [TopicPartition(topic, p) for p in self.partitions(topic)]
-        )
+        self.partitions(topic)  # a clear error for a missing topic
         try:
-            answer = self._admin().list_consumer_group_offsets([request], request_timeout=self.timeout)[group]
-            result = answer.result(timeout=self.timeout)
-        except KafkaException as exc:
-            raise self._fail(f"read the offsets of {group}", exc) from None
-        return {p.partition: p.offset for p in result.topic_partitions if p.offset >= 0}
+            return committed_offsets(self.settings, group, topic, timeout=self.timeout)
+        except BusError as exc:
+            raise StoreUnavailableError(f"Kafka: {exc}") from None
 
     def _list_offsets(self, topic: str, spec: Any, attempts: int = 10) -> dict[int, int]:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition

@@ -428,17 +428,34 @@ def _partitions(admin: AdminClient, topic: str, timeout: float) -> list[int]:
 def committed_offsets(
     config: Mapping[str, Any], group: str, topic: str, *, timeout: float = 30.0
 ) -> dict[int, int]:
-    """What ``group`` committed on ``topic``, per partition (partitions without a commit are left out)."""
-    admin = _admin(config)
-    request = ConsumerGroupTopicPartitions(
-        group, [TopicPartition(topic, p) for p in _partitions(admin, topic, timeout)]
+    """What ``group`` committed on ``topic``, per partition (partitions without a commit are left out).
+
+    Asked through a consumer of the group that never joins it (an OffsetFetch), not the admin API: the admin
+    client's ListConsumerGroupOffsets crashes the process (librdkafka 2.x, a NULL consumer group handle in
+    ``rd_kafka_handle_OffsetFetch``) when the coordinator answers "load in progress", as after a broker
+    restart.
+    """
+    partitions = _partitions(_admin(config), topic, timeout)
+    consumer = Consumer(
+        {
+            "logger": _client_log,
+            **config,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
     )
-    futures = admin.list_consumer_group_offsets([request], request_timeout=timeout)
     try:
-        answer = futures[group].result(timeout=timeout)
+        answer = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
     except KafkaException as exc:
         raise BusError(f"cannot read the offsets of group {group}: {_describe(exc)}") from None
-    return {p.partition: p.offset for p in answer.topic_partitions if p.offset >= 0}
+    finally:
+        with contextlib.suppress(RuntimeError):
+            consumer.close()
+    failed = [p for p in answer if p.error is not None]
+    if failed:
+        raise BusError(f"cannot read the offsets of group {group}: {_describe(failed[0].error)}")
+    return {p.partition: p.offset for p in answer if p.offset >= 0}
 
 
 def reset_offsets(

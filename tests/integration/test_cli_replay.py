@@ -300,7 +300,7 @@ def test_replay_on_kafka(database_url: str, kafka_service: KafkaService) -> None
         ).stdout
     )
     assert sum(p["events_to_replay"] for p in plan["partitions"]) == 200
-    assert sum(p["committed_offset"] for p in plan["partitions"]) == 600
+    assert sum(p["committed_offset"] or 0 for p in plan["partitions"]) == 600  # None: a partition never used
     cli.ok(
         "replay",
         "start",
