@@ -435,7 +435,6 @@ class ConsumerRunner(Generic[T]):
         self._next_check = now + self.check_interval
         try:
             self.processor.check()
-            stats = self.dead_letters.stats()
         except Exception as exc:
             if self.health.ready:
                 _log.warning("dependency check failed: %s", _describe(exc))
@@ -446,6 +445,11 @@ class ConsumerRunner(Generic[T]):
         self._dependency_ok = True
         if not self.health.ready:
             self._set_ready(True)
+        try:  # the DLQ gauges; PostgreSQL being away here is reported when a dead letter must be written
+            stats = self.dead_letters.stats()
+        except (psycopg.Error, OSError) as exc:
+            _log.debug("cannot read the DLQ statistics: %s", exc)
+            return
         age = (datetime.now(UTC) - stats.oldest_failed_at).total_seconds() if stats.oldest_failed_at else None
         metrics.report_dlq(stats.pending, age)
 
