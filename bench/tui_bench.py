@@ -60,6 +60,8 @@ async def measure(make_source: Callable[[], DataSource], refreshes: int) -> dict
     async with app.run_test(size=SIZE) as pilot:
         first_frame = time.perf_counter() - started
         while not any(t.view == "agents" and t.key == "agents" for t in app.timings):
+            if app.screen.last_error:  # type: ignore[attr-defined]
+                raise SystemExit(f"the agents did not load: {app.screen.last_error}")  # type: ignore[attr-defined]
             await pilot.pause(0.001)
         first_paint = time.perf_counter() - started
         first = next(t for t in app.timings if t.key == "agents")

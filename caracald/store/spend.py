@@ -110,15 +110,21 @@ def scope_totals(
             SELECT t.policy_id, a.agent_id FROM tree t JOIN agents a ON a.parent_id = t.agent_id
         )
     """
+    # LATERAL: one range scan of (agent_id, occurred_at) per agent of each scope. A plain join lets the
+    # planner join every scope with every event of the currency first, which is quadratic.
     settled = conn.execute(
         tree
         + """
-        SELECT s.policy_id, sum(e.cost) AS total
+        SELECT s.policy_id, sum(x.total) AS total
           FROM scope s
           JOIN tree t ON t.policy_id = s.policy_id
-          JOIN ledger_events e ON e.agent_id = t.agent_id AND e.currency = s.currency
-                              AND e.event_type = ANY(%(charged)s)
-                              AND e.occurred_at >= s.start_at AND e.occurred_at < s.end_at
+          CROSS JOIN LATERAL (
+                SELECT COALESCE(sum(e.cost), 0) AS total
+                  FROM ledger_events e
+                 WHERE e.agent_id = t.agent_id AND e.currency = s.currency
+                   AND e.event_type = ANY(%(charged)s)
+                   AND e.occurred_at >= s.start_at AND e.occurred_at < s.end_at
+          ) x
          GROUP BY s.policy_id
         """,
         params,

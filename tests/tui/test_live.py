@@ -417,3 +417,41 @@ async def test_readonly_live_source_refuses_changes(cli: Cli, database_url: str,
         source.close()
     shown = json.loads(cli.ok("agent", "get", "--agent-id", agent, "-o", "json").stdout)
     assert shown["status"] == "active"
+
+
+def test_bulk_budget_figures_match_the_per_policy_ones(cli: Cli, db: Database, live: LiveSource) -> None:
+    """The dashboard reads every policy's figures in two statements; they must be the CLI's, policy by policy."""
+    from caracal_ops import inventory
+    from caracald.admin import budget as budget_admin
+
+    parent = _agent(cli, "parent-team")
+    child = _agent(cli, "child-bot", parent)
+    grandchild = _agent(cli, "grandchild-bot", child)
+    _policy(cli, parent, "100")
+    _policy(cli, child, "50")
+    _policy(cli, grandchild, "20")
+    _charge(db, grandchild, "3.25")
+    _charge(db, child, "1.10")
+    _charge(db, parent, "0.40")
+    _charge(db, child, "9.99", at=datetime.now(UTC) - timedelta(days=3))  # an earlier window: not counted
+    request = uuid.uuid4()
+    held = LedgerEvent(
+        uuid.uuid4(),
+        LedgerEventType.RESERVATION,
+        uuid.UUID(grandchild),
+        datetime.now(UTC) - timedelta(seconds=2),
+        Money(Decimal(0), "USD"),
+        request_id=request,
+        metadata={"hold": "0.75"},
+    )
+    with db.transaction() as conn:
+        ledger_store.insert_events(conn, [held])
+    at = datetime.now(UTC)
+    bulk = {b.policy_id: b for b in inventory.budgets(live.state, at)}
+    scopes = budget_admin.all_scopes(db)
+    one_by_one = budget_admin.ledger_status(db, scopes, at, hold_ttl=timedelta(minutes=15))
+    assert len(bulk) == len(one_by_one) == 3
+    for status in one_by_one:
+        got = bulk[status.scope.policy_id]
+        assert (got.settled, got.held, got.holds) == (status.settled, status.held, status.holds)
+    assert {str(b.settled.amount.normalize()) for b in bulk.values()} == {"4.75", "4.35", "3.25"}

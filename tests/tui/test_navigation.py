@@ -85,7 +85,8 @@ async def test_enter_drills_into_an_agent_and_escape_comes_back(fake: FakeSource
         app.screen.query_one(TabbedContent).active = "tab-history"
         await pilot.pause()
         history = table_rows(app, "#history")
-        assert history and history[-1][4] == "active"
+        assert [row[2] for row in history] == ["2", "1"]  # newest version first
+        assert history[0][3] == "$50.00" and history[1][3] == "$25.00"
 
         await pilot.press("escape")
         await settle(pilot)
