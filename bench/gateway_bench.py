@@ -1,6 +1,6 @@
 """What the gateway adds: latency at concurrency 1 and throughput at concurrency 32, against two floors.
 
-    .venv/bin/python bench/gateway_bench.py                  # about 4 minutes on 2 cores
+    .venv/bin/python bench/gateway_bench.py                  # about 5 minutes on 2 cores
     .venv/bin/python bench/gateway_bench.py --rounds 1 --duration 5 --latency-requests 300   # quick look
 
 Three targets, each a server in its own process (uvicorn, one worker, uvloop + httptools, no access log),
@@ -11,9 +11,9 @@ process):
 * **B** ``passthrough``: ``bench/passthrough.py``, a minimal Starlette proxy on aiohttp's client, no checks;
 * **C** ``caracal``: ``caracald gateway`` in the distributed deployment: budget counters in Redis, metering
   events to Kafka (``acks=all``, idempotent producer, local spool as fallback), the cache loaded from
-  PostgreSQL; every check on (authentication, allowlist, token pricing with the Redis ``remaining`` read,
-  the Redis reservation, the reservation event acknowledged by Kafka before the call goes out, settlement
-  and its event after it).
+  PostgreSQL; every check on (authentication, allowlist, token pricing, the Redis reservation, the
+  reservation event acknowledged by Kafka before the answer goes back, the settlement in Redis and its event
+  after it).
 
 Every request is the same OpenAI chat completion (``max_tokens`` 16, 5 tokens answered). The run is
 interleaved so that drift (CPU frequency, the JVM's JIT, a noisy neighbour) hits every target alike:
@@ -27,7 +27,9 @@ and the table shows the median over ``--rounds`` rounds. "Added" is the target's
 PostgreSQL, Redis and Kafka are started from ``tests/harness`` (Kafka's jars come from its cache folder)
 unless ``--postgres-uri``, ``--redis-url`` and ``--kafka-bootstrap`` name running ones.
 ``--profile DIR`` also records the gateway with py-spy during its throughput runs (``DIR/caracal-*.txt``,
-collapsed stacks). Not part of the test suite.
+collapsed stacks). ``--before DIR`` adds a fourth target, ``before``: the same deployment run from another
+source tree, such as an older commit unpacked with ``git archive <commit> | tar -x -C DIR``.
+Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -116,12 +118,14 @@ def free_port() -> int:
     return pick()
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def spawn(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> subprocess.Popen[bytes]:
     from tests.harness import child_argv
 
     with log.open("wb") as out:
         return subprocess.Popen(
-            child_argv(argv), stdout=out, stderr=subprocess.STDOUT, env=env or os.environ.copy(), cwd=ROOT
+            child_argv(argv), stdout=out, stderr=subprocess.STDOUT, env=env or os.environ.copy(), cwd=cwd
         )
 
 
@@ -235,7 +239,9 @@ def make_agent(database_url: str) -> str:
     return str(created["api_key"])
 
 
-def gateway_config(workdir: Path, services: Services, port: int, upstream_port: int) -> Path:
+def gateway_config(
+    workdir: Path, services: Services, port: int, upstream_port: int, name: str = "caracal"
+) -> Path:
     import yaml
 
     from tests.e2e.fake_upstream import OPENAI_KEY
@@ -245,7 +251,7 @@ def gateway_config(workdir: Path, services: Services, port: int, upstream_port: 
         "redis": {"url": services.redis_url},
         "kafka": {"bootstrap_servers": services.kafka_bootstrap},
         "budget": {"backend": "redis"},
-        "bus": {"kind": "kafka", "spool_dir": str(workdir / "spool")},
+        "bus": {"kind": "kafka", "spool_dir": str(workdir / f"spool-{name}")},
         "gateway": {
             "host": "127.0.0.1",
             "port": port,
@@ -259,7 +265,7 @@ def gateway_config(workdir: Path, services: Services, port: int, upstream_port: 
             },
         },
     }
-    path = workdir / "caracal.yaml"
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -374,7 +380,7 @@ def metric(metrics_text: str, name: str) -> float:
 
 
 def report(targets: list[Target], args: argparse.Namespace) -> bool:
-    direct, passthrough, caracal = targets
+    direct, passthrough, caracal = targets[:3]
     med = statistics.median
     print()
     print(
@@ -428,6 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kafka-bootstrap", help="a running Kafka broker")
     parser.add_argument("--profile", type=Path, help="record the gateway with py-spy into this folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, config)")
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="also measure the gateway of another source tree (e.g. an older commit's, from git archive)",
+    )
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_upstream:
@@ -439,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="caracal-bench-"))
     services = start_services(args)
     api_key = make_agent(services.database_url)
-    ports = {"direct": free_port(), "passthrough": free_port(), "caracal": free_port()}
+    ports = {"direct": free_port(), "passthrough": free_port(), "caracal": free_port(), "before": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARACAL")}
     uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
     from tests.e2e.fake_upstream import OPENAI_KEY
@@ -449,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
         Target("passthrough", f"http://127.0.0.1:{ports['passthrough']}/v1/chat/completions", OPENAI_KEY),
         Target("caracal", f"http://127.0.0.1:{ports['caracal']}/openai/v1/chat/completions", api_key),
     ]
+    if args.before:
+        targets.append(
+            Target("before", f"http://127.0.0.1:{ports['before']}/openai/v1/chat/completions", api_key)
+        )
     procs: list[subprocess.Popen[bytes]] = []
     try:
         upstream_log = workdir / "upstream.log"
@@ -478,6 +493,25 @@ def main(argv: list[str] | None = None) -> int:
         targets[2].proc = spawn([str(BIN / "caracald"), "gateway", "--config", str(config)], gateway_log, env)
         procs.append(targets[2].proc)
         wait_http(f"http://127.0.0.1:{ports['caracal']}/health", targets[2].proc, gateway_log)
+        if args.before:
+            # The same deployment, run from another source tree (an older version of the gateway).
+            before = gateway_config(workdir, services, ports["before"], ports["direct"], "before")
+            before_log = workdir / "before.log"
+            targets[3].proc = spawn(
+                [
+                    sys.executable,
+                    "-c",
+                    "from caracald.cli import run; run()",
+                    "gateway",
+                    "--config",
+                    str(before),
+                ],
+                before_log,
+                {**env, "PYTHONPATH": str(args.before)},
+                cwd=args.before,
+            )
+            procs.append(targets[3].proc)
+            wait_http(f"http://127.0.0.1:{ports['before']}/health", targets[3].proc, before_log)
         print(f"servers up (work folder {workdir}); measuring ...", flush=True)
         load_before = os.getloadavg()
 

@@ -17,6 +17,7 @@ loop turns and the cache can serve.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import ssl
@@ -192,6 +193,10 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
             # uvicorn runs the lifespan before it binds: READY=1 only once the socket listens.
             while not server.started:  # noqa: ASYNC110 - uvicorn offers a flag, not an event
                 await asyncio.sleep(0.05)
+            # Everything built so far (modules, configuration, the first cache) lives as long as the process:
+            # out of the collector's way, a full collection no longer walks it, which keeps those pauses off
+            # the requests.
+            gc.freeze()
             notifier.ready(f"serving on {config.gateway.host}:{config.gateway.port}")
             await Watchdog(notifier).run(healthy=lambda: state.cache.state != "unavailable")
 

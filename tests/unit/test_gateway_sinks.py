@@ -131,3 +131,17 @@ def test_loop_delivery_resolves_asyncio_futures_in_batches_from_the_delivery_thr
     # Off the loop (the spool's forwarder runs in a thread), the bus producer answers itself.
     assert delivery.send("t", b"direct").result() is None
     assert producer.direct == [b"direct"]
+
+
+def test_loop_delivery_finds_what_it_needs_in_the_bus_producer() -> None:
+    """LoopDelivery reaches into the bus's KafkaProducer; if those insides change it falls back to the
+    producer's own send (correct, only slower): this test says so before a benchmark does."""
+    from caracald.bus.kafka import KafkaProducer
+
+    producer = KafkaProducer({"bootstrap.servers": "127.0.0.1:9"}, delivery_timeout=1.0)
+    try:
+        delivery = LoopDelivery(producer)
+        assert delivery._kafka is not None and delivery._closed is not None
+        assert callable(getattr(KafkaProducer, "_delivered", None))
+    finally:
+        producer.close(timeout=1.0)
