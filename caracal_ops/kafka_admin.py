@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 from confluent_kafka.admin._resource import ResourceType
@@ -182,27 +182,33 @@ def describe_topic(config: KafkaConfig, topic: str) -> TopicInfo:
 
 
 def consumer_lag(config: KafkaConfig, group: str, topics: list[str] | None = None) -> list[PartitionLag]:
-    """Per-partition lag of a consumer group on the topics it has committed on (or on ``topics``)."""
+    """Per-partition lag of a consumer group on the topics it has committed on (or on ``topics``).
+
+    The committed offsets come from an OffsetFetch by a consumer of the group that never joins it, not from
+    the admin API's ListConsumerGroupOffsets, which crashes the process (librdkafka 2.x) when the group
+    coordinator is still loading, as right after a broker restart.
+    """
     admin = _admin(config)
     try:
-        request = [ConsumerGroupTopicPartitions(group)]
-        (future,) = admin.list_consumer_group_offsets(request).values()
-        committed = future.result(timeout=_TIMEOUT).topic_partitions or []
+        metadata = admin.list_topics(timeout=_TIMEOUT)
     except KafkaException as exc:
-        message = str(exc)
-        if "GROUP_ID_NOT_FOUND" in message:
-            raise NotFoundError(f"consumer group {group!r} not found") from None
         raise _unavailable(exc) from None
-    by_partition = {(tp.topic, tp.partition): tp.offset for tp in committed if tp.offset >= 0}
-    wanted_topics = topics or sorted({tp.topic for tp in committed})
-    if not wanted_topics:
-        raise NotFoundError(f"consumer group {group!r} has no committed offsets")
-    partitions: list[TopicPartition] = []
-    for topic in wanted_topics:
-        info = admin.list_topics(topic=topic, timeout=_TIMEOUT).topics.get(topic)
-        if info is None or info.error is not None:
-            raise NotFoundError(f"topic {topic!r} does not exist")
-        partitions += [TopicPartition(topic, p) for p in sorted(info.partitions)]
+    if topics:
+        for topic in topics:
+            info = metadata.topics.get(topic)
+            if info is None or info.error is not None:
+                raise NotFoundError(f"topic {topic!r} does not exist")
+        candidates = list(topics)
+    else:  # every topic the group may have committed on
+        candidates = sorted(
+            t for t, info in metadata.topics.items() if info.error is None and not t.startswith("__")
+        )
+    partitions = [TopicPartition(t, p) for t in candidates for p in sorted(metadata.topics[t].partitions)]
+    by_partition = _committed(config, group, partitions)
+    wanted = set(topics) if topics else {topic for topic, _ in by_partition}
+    if not wanted:
+        raise NotFoundError(f"consumer group {group!r} not found (it has no committed offsets)")
+    partitions = [tp for tp in partitions if tp.topic in wanted]
     marks = _watermarks(config, partitions)
     lags = []
     for tp in partitions:
@@ -211,6 +217,33 @@ def consumer_lag(config: KafkaConfig, group: str, topics: list[str] | None = Non
         lag = high - (offset if offset is not None else low)
         lags.append(PartitionLag(tp.topic, tp.partition, offset, high, max(lag, 0)))
     return lags
+
+
+def _committed(
+    config: KafkaConfig, group: str, partitions: list[TopicPartition]
+) -> dict[tuple[str, int], int]:
+    """The offsets ``group`` committed on ``partitions`` (those without a commit are left out)."""
+    if not partitions:
+        return {}
+    consumer = Consumer(
+        {
+            **client_settings(config),
+            "group.id": group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "log_level": 0,
+        }
+    )
+    try:
+        answer = consumer.committed(partitions, timeout=_TIMEOUT)
+    except KafkaException as exc:
+        raise _unavailable(exc) from None
+    finally:
+        consumer.close()
+    failed = [tp for tp in answer if tp.error is not None]
+    if failed:
+        raise _unavailable(KafkaException(failed[0].error))
+    return {(tp.topic, tp.partition): tp.offset for tp in answer if tp.offset >= 0}
 
 
 def create_topics(
