@@ -1,13 +1,29 @@
-"""Prometheus metrics of one gateway process, served on their own port (``gateway.metrics_port``)."""
+"""Prometheus metrics of one gateway process, served on their own port (``gateway.metrics_port``).
+
+Besides the gateway's own metrics, a registry this module creates carries prometheus-client's process,
+platform and garbage-collector collectors (``process_resident_memory_bytes``, ``process_cpu_seconds_total``,
+``process_open_fds``, ``python_info``, ``python_gc_*``), as the consumer daemons' default registry does: the
+memory alert and the gateway dashboard read them.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +33,12 @@ _REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry()
+        """The gateway's metrics in ``registry``; by default a new one, with the process collectors."""
+        if registry is None:
+            registry = CollectorRegistry()
+            for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+                registry.register(collector)
+        self.registry = registry
         r = self.registry
         self.requests = Counter(
             "caracal_gateway_requests_total", "Requests answered.", ["route", "status"], registry=r
@@ -86,6 +107,12 @@ class GatewayMetrics:
             "caracal_gateway_cache_age_seconds", "Age of the policy cache's last good load.", registry=r
         )
         self.deny_all = Gauge("caracal_gateway_deny_all", "1 while the deny-all switch is on.", registry=r)
+        self.pool_size = Gauge(
+            "caracal_database_connection_pool_size",
+            "Connections a PostgreSQL pool holds, busy or idle (at most database.pool_size + max_overflow).",
+            ["pool"],
+            registry=r,
+        )
 
     def watch(
         self, *, degraded: Callable[[], float], cache_age: Callable[[], float], deny_all: Callable[[], float]
@@ -93,6 +120,15 @@ class GatewayMetrics:
         self.degraded.set_function(degraded)
         self.cache_age.set_function(cache_age)
         self.deny_all.set_function(deny_all)
+
+    def watch_pools(self, sizes: Callable[[], Mapping[str, int]]) -> None:
+        """Report the connection pools ``sizes()`` names (pool name -> connections it holds)."""
+        for name in sizes():
+            self.pool_size.labels(name).set_function(partial(_pool_size, sizes, name))
+
+
+def _pool_size(sizes: Callable[[], Mapping[str, int]], name: str) -> float:
+    return float(sizes().get(name, 0))
 
 
 class MetricsServer:

@@ -184,6 +184,7 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
             switches=switches,
         )
         app = create_app(deps)
+        app.state.gateway.metrics.watch_pools(db.pool_sizes)
         server = uvicorn.Server(uvicorn_config(config, app))
         notifier = Notifier.from_environment()
         stack.callback(notifier.close)

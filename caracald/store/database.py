@@ -130,6 +130,11 @@ class Database:
     def pool_stats(self) -> dict[str, int]:
         return dict(self._primary.get_stats())
 
+    def pool_sizes(self) -> dict[str, int]:
+        """Connections each pool holds, busy or idle: ``{"primary": n}``, plus ``"replica"`` if configured."""
+        pools = {"primary": self._primary, "replica": self._replica}
+        return {name: pool.get_stats()["pool_size"] for name, pool in pools.items() if pool is not None}
+
 
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
