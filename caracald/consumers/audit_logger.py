@@ -17,6 +17,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from caracald.bus.base import BatchConsumer, BusError, Record, RecordProducer
+from caracald.consumers import metrics
 from caracald.consumers.ledger_writer import Failure, classify
 from caracald.consumers.runner import Applied, ConsumerRunner, DeadLetterStore
 from caracald.core.audit import AuditEvent, decode_event
@@ -56,7 +57,7 @@ class AuditLogProcessor:
         events = [event for _, event in items]
         try:
             conn = self._connection()
-            with conn.transaction():
+            with metrics.database_query("audit_append"), conn.transaction():
                 appended = audit_store.append_events(conn, events)
         except psycopg.Error:
             if self._conn is not None and (self._conn.closed or self._conn.broken):

@@ -117,7 +117,7 @@ class DeadLetterStore:
     def insert(self, letters: Sequence[DeadLetter]) -> int:
         try:
             conn = self._connection()
-            with conn.transaction():
+            with metrics.database_query("dlq_insert"), conn.transaction():
                 return dlq_store.insert(conn, letters)
         except psycopg.Error:
             self.close()
@@ -125,7 +125,9 @@ class DeadLetterStore:
 
     def stats(self) -> dlq_store.DeadLetterStats:
         try:
-            return dlq_store.stats(self._connection())
+            conn = self._connection()
+            with metrics.database_query("dlq_stats"):
+                return dlq_store.stats(conn)
         except psycopg.Error:
             self.close()
             raise
