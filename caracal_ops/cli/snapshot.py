@@ -102,7 +102,8 @@ def restore(
     yes: bool = YES_OPTION,
 ) -> None:
     """Check a snapshot (SHA-256) and the ledger against it, then rebuild the spend totals and budget
-    counters. Prints the plan only, unless --execute or --yes."""
+    counters. On a reset database it first puts back the snapshot's agents, policies, prices and signing
+    keys. Prints the plan only, unless --execute or --yes."""
     cli = state(ctx)
     env = snapshots.SnapshotEnv(config=cli.config, db=lambda: cli.db, redis_url=lambda: _redis_url(cli))
     plan = snapshots.plan_restore(env, snapshot_id)

@@ -2,14 +2,18 @@
 
 A snapshot holds, per agent, currency and UTC day, the charged spend (settlements, expiries, adjustments) and
 the number of events of every type, up to the last event id it saw, plus the latest signed Merkle
-checkpoint at that moment (null before the first batch). It is stored in ``ledger_snapshots`` as canonical
-JSON with its SHA-256, and copied to ``<backup dir>/snapshots/<id>.json`` so that it survives a
-``caracal db reset``.
+checkpoint at that moment (null before the first batch), and the reference data the ledger's events need:
+agents, their credential digests, policies and their versions, allowlists, prices and the public halves of
+the signing keys (``merkle_keys``). It is stored in ``ledger_snapshots`` as canonical JSON with its SHA-256,
+and copied to ``<backup dir>/snapshots/<id>.json`` so that it survives a ``caracal db reset``.
 
-``snapshot restore`` checks the snapshot's checksum, compares the ledger up to the snapshot's last event with
-its totals (every difference is reported, and any difference stops the restore), then rebuilds the derived
-state: the hourly ``spend_totals`` from the ledger and, with the Redis budget backend, the shared budget
-counters (:func:`caracald.admin.budget.ledger_totals` and ``RedisBudget.rebuild``).
+``snapshot restore`` checks the snapshot's checksum. On a database that holds none of the reference data
+(after ``caracal db reset``) it puts the snapshot's back, so that a replay from the bus can write the events
+again (an event of an unknown agent is a dead letter) and the ledger writer can seal with its key. It compares
+the ledger up to the snapshot's last event with its totals (every difference is reported, and any difference
+stops the restore), then rebuilds the derived state: the hourly ``spend_totals`` from the ledger and, with
+the Redis budget backend, the shared budget counters (:func:`caracald.admin.budget.ledger_totals` and
+``RedisBudget.rebuild``).
 """
 
 from __future__ import annotations
@@ -32,7 +36,22 @@ from caracald.core.ledger import CHARGED_EVENT_TYPES
 from caracald.runtime.config import CaracalConfig
 from caracald.store.database import Connection, Database
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Format 1 had no reference data; it is still read.
+READABLE_FORMATS = frozenset({1, FORMAT_VERSION})
+
+#: The reference data a snapshot holds, in the order it is put back (parents before children). Each table is
+#: kept as a JSON array of rows, ordered by the columns named, with every number as a string so that amounts
+#: stay exact.
+REFERENCE_TABLES: tuple[tuple[str, str], ...] = (
+    ("agents", "agent_id"),
+    ("agent_credentials", "credential_id"),
+    ("policies", "policy_id"),
+    ("policy_versions", "policy_id, version"),
+    ("allowlists", "allowlist_id"),
+    ("price_entries", "price_id"),
+    ("merkle_keys", "key_name, key_id"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +141,50 @@ def _latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
     }
 
 
+def reference_data(conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    """Every row of the reference tables, as JSON objects whose numbers are strings (exact amounts)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for table, order in REFERENCE_TABLES:
+        row = conn.execute(
+            f"""
+            SELECT COALESCE(jsonb_agg(
+                       (SELECT jsonb_object_agg(key, CASE jsonb_typeof(value)
+                                                     WHEN 'number' THEN to_jsonb(value #>> '{{}}')
+                                                     ELSE value END)
+                          FROM jsonb_each(to_jsonb(t)))
+                       ORDER BY {order}), '[]'::jsonb) AS data
+              FROM {table} t
+            """
+        ).fetchone()
+        out[table] = list(row["data"]) if row else []
+    return out
+
+
+def reference_counts(conn: Connection) -> dict[str, int]:
+    """How many rows each reference table holds now."""
+    counts: dict[str, int] = {}
+    for table, _ in REFERENCE_TABLES:
+        row = conn.execute(f"SELECT count(*) AS n FROM {table}").fetchone()
+        counts[table] = int(row["n"]) if row else 0
+    return counts
+
+
+def put_back_reference(conn: Connection, reference: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+    """Insert the snapshot's reference rows (into empty tables), each table in one statement."""
+    written: dict[str, int] = {}
+    for table, _ in REFERENCE_TABLES:
+        rows = reference.get(table) or []
+        if not rows:
+            written[table] = 0
+            continue
+        cur = conn.execute(
+            f"INSERT INTO {table} SELECT * FROM jsonb_populate_recordset(NULL::{table}, %s::jsonb)",
+            (json.dumps(rows),),
+        )
+        written[table] = cur.rowcount
+    return written
+
+
 # -- create -----------------------------------------------------------------------------------------------
 
 
@@ -135,6 +198,7 @@ def create_snapshot(db: Database, *, actor: str, directory: Path | None = None) 
         last_event_id = int(row["last"]) if row else 0
         totals = ledger_totals(conn, last_event_id)
         merkle = _latest_checkpoint(conn)
+        reference = reference_data(conn)
         total_events = sum(t["events"] for t in totals)
         data = {
             "format": FORMAT_VERSION,
@@ -145,6 +209,7 @@ def create_snapshot(db: Database, *, actor: str, directory: Path | None = None) 
             "total_events": total_events,
             "merkle": merkle,
             "totals": totals,
+            "reference": reference,
         }
         document = canonical(data)
         digest = sha256_text(document)
@@ -299,7 +364,7 @@ def check_document(info: SnapshotInfo) -> dict[str, Any]:
             state="nothing was changed",
         )
     data = json.loads(info.document)
-    if data.get("format") != FORMAT_VERSION or data.get("snapshot_id") != str(info.snapshot_id):
+    if data.get("format") not in READABLE_FORMATS or data.get("snapshot_id") != str(info.snapshot_id):
         raise StepFailed(f"snapshot {info.snapshot_id}: unexpected format or id", state="nothing was changed")
     return dict(data)
 
@@ -368,6 +433,34 @@ def plan_restore(env: SnapshotEnv, snapshot_id: str) -> Plan:
                 _insert(conn, info)
         return f"SHA-256 {info.sha256} matches"
 
+    reference: dict[str, list[dict[str, Any]]] = dict(info.data.get("reference") or {})
+    with env.db().read() as conn:
+        present = reference_counts(conn)
+    held = {t: len(rows) for t, rows in reference.items() if rows}
+    put_back = bool(held) and not any(present.values())
+    if not reference:
+        plan.note(
+            "this snapshot holds no reference data (agents, policies, keys): it was taken by an older version"
+        )
+    elif put_back:
+        plan.note(
+            "the database holds no agents, policies, prices or signing keys (a reset database): "
+            "the snapshot's are put back first"
+        )
+    elif held:
+        plan.note("the database already holds reference data: it is left as it is")
+
+    def reference_step(step: StepContext) -> str:
+        with env.db().transaction() as conn:
+            if any(reference_counts(conn).values()):
+                raise StepFailed(
+                    "reference data appeared in the database since the plan was made",
+                    state="nothing was changed",
+                )
+            written = put_back_reference(conn, reference)
+        step.result["reference"] = written
+        return "put back " + ", ".join(f"{n} {table}" for table, n in written.items() if n)
+
     def compare_step(step: StepContext) -> str:
         found = compare(env.db(), info)
         step.result["differences"] = found
@@ -416,6 +509,14 @@ def plan_restore(env: SnapshotEnv, snapshot_id: str) -> Plan:
         return f"rebuilt {len(totals)} Redis counters of {len(scopes)} policies from the ledger"
 
     plan.add("verify", "Verify the snapshot's SHA-256", verify)
+    if put_back:
+        plan.add(
+            "reference",
+            "Put back the snapshot's agents, credentials, policies, allowlists, prices and signing keys "
+            f"({sum(held.values())} rows)",
+            reference_step,
+            destructive=True,
+        )
     plan.add(
         "compare",
         f"Compare the ledger up to event {info.last_event_id} with the snapshot's totals",

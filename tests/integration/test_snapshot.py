@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 
+from caracal_ops.procedures import snapshot as snapshots
 from caracald.core.ledger import LedgerEventType
 from caracald.store import ledger as ledger_store
 from caracald.store.database import Database
@@ -89,19 +91,47 @@ def test_restore_reports_differences_and_damage(snap_cli: Cli, db: Database) -> 
 
     with db.transaction() as conn:
         conn.execute(
-            "UPDATE ledger_snapshots SET document = replace(document, '\"format\":1', '\"format\":1 ')"
+            "UPDATE ledger_snapshots SET document = replace(document, '\"format\":', '\"format\": ')"
         )
     damaged = snap_cli("snapshot", "restore", "--snapshot-id", snapshot_id, "--yes")
     assert damaged.exit_code == 1 and "is damaged" in damaged.stderr
 
 
-def test_restore_after_reset_reads_the_file(snap_cli: Cli, db: Database) -> None:
-    _seed(snap_cli, db)
+def test_restore_after_reset_reads_the_file_and_puts_back_the_reference_data(
+    snap_cli: Cli, db: Database
+) -> None:
+    agent = _seed(snap_cli, db)
+    snap_cli.ok(
+        "policy", "create", "--agent-id", agent, "--limit", "100.25", "--currency", "USD",
+        "--time-window", "daily", "--change-reason", "budget",
+    )  # fmt: skip
+    snap_cli.ok("pricebook", "set", "--model", "gpt-4o", "--input", "2.5125", "--output", "10.00")
+    with db.read() as conn:
+        before = snapshots.reference_data(conn)
+    assert all(
+        before[t] for t in ("agents", "agent_credentials", "policies", "policy_versions", "price_entries")
+    )
     snapshot_id = block(snap_cli.ok("snapshot", "create").stdout)["Snapshot ID"]
     snap_cli.ok("db", "reset", "--confirm")
+    with db.read() as conn:
+        assert not any(snapshots.reference_counts(conn).values())
+    dry = snap_cli.ok("snapshot", "restore", "--snapshot-id", snapshot_id)
+    assert "Put back the snapshot's agents" in dry.stdout and "a reset database" in dry.stdout
     out = snap_cli.ok("snapshot", "restore", "--snapshot-id", snapshot_id, "--yes")
     assert "ledger empty up to the snapshot" in out.stdout
+    assert "put back 1 agents, 1 agent_credentials, 1 policies, 1 policy_versions" in out.stdout
     assert snap_cli.ok("snapshot", "list", "-o", "json").stdout.count(snapshot_id) == 1
+    with db.read() as conn:
+        assert snapshots.reference_data(conn) == before  # every row, amounts exact
+    listed = json.loads(snap_cli.ok("policy", "list", "--agent-id", agent, "-o", "json").stdout)
+    assert [Decimal(p["limit"]) for p in listed] == [Decimal("100.25")]
+    # a second restore leaves the reference data alone
+    assert (
+        "already holds reference data"
+        in snap_cli.ok("snapshot", "restore", "--snapshot-id", snapshot_id).stdout
+    )
+    again = snap_cli.ok("snapshot", "restore", "--snapshot-id", snapshot_id, "--yes")
+    assert "put back" not in again.stdout
 
 
 def test_unknown_snapshot(snap_cli: Cli) -> None:
