@@ -20,8 +20,10 @@ import pytest
 
 from caracald.store.database import Database
 from caracald.store.gateway import DENY_ALL, get_switch
+from tests.clitools import block
 from tests.e2e.gateway_harness import GatewayHarness, make_agent
 from tests.integration.conftest import Cli
+from tests.integration.pipeline import add_agents, make_events, rows, send_events, wait_for
 from tests.integration.test_gateway_denials import CHAT, prices
 from tests.integration.test_services_local import DAEMON
 
@@ -171,3 +173,93 @@ def test_restart_all_on_local_checks_external_services(ops: Cli) -> None:
     done = ops.ok("emergency", "restart-all", "--yes")
     assert "Every component restarted and healthy." in done.stdout
     assert _states(ops)["gateway"] == "running"
+
+
+def test_rotate_all_rotates_the_signing_key_of_a_running_ledger_writer(
+    tmp_path: Path, database_url: str, db: Database
+) -> None:
+    """No database password file and no Kafka: those are skipped; the Merkle key is rotated for real, the
+    running ledger writer is restarted, seals with the new key, and the batches before still verify."""
+    key_dir = tmp_path / "keys"
+    config = tmp_path / "caracal.yaml"
+    config.write_text(
+        "\n".join(
+            [
+                "integrity:",
+                f"  key_dir: {json.dumps(str(key_dir))}",
+                "  batch_size: 50",
+                "  batch_max_age_seconds: 1",
+                "platform:",
+                "  kind: local",
+                "  stop_timeout_seconds: 30",
+                "embedded:",
+                f"  data_dir: {json.dumps(str(tmp_path / 'data'))}",
+            ]
+        )
+        + "\n"
+    )
+    ops = Cli(database_url, env={"CARACAL_CONFIG": str(config)})
+    try:
+        _rotate_all_with_a_writer(ops, database_url, db, key_dir)
+    finally:
+        ops("services", "down")
+
+
+def _sealed_by(url: str) -> dict[str, int]:
+    found = rows(
+        url,
+        "SELECT b.key_name, count(*) AS n FROM ledger_events e JOIN merkle_batches b"
+        " ON b.batch_id = e.merkle_root_id GROUP BY 1",
+    )
+    return {r["key_name"]: int(r["n"]) for r in found}
+
+
+def _rotate_all_with_a_writer(ops: Cli, url: str, db: Database, key_dir: Path) -> None:
+    from caracald.bus import pg_log
+    from caracald.integrity import keys
+
+    old = "ledger-key-before"
+    ops.ok("merkle", "generate-key", "--name", old)
+    agents = add_agents(url, 2)
+    ops.ok("services", "up", "--component", "ledger-writer")
+
+    def produce(start: int) -> None:
+        producer = pg_log.PgLogProducer(url)
+        try:
+            send_events(producer, make_events(agents, 120, start=start))
+        finally:
+            producer.close()
+
+    def all_sealed(count: int) -> bool:
+        return sum(_sealed_by(url).values()) == count
+
+    produce(0)
+    wait_for(lambda: all_sealed(120), timeout=90, what="the first events sealed")
+    assert set(_sealed_by(url)) == {old}
+    pid_before = json.loads(ops.ok("services", "status", "-o", "json").stdout)["components"]
+
+    dry = ops.ok("emergency", "rotate-all", "--dry-run")
+    assert "Merkle: rotate the signing key" in dry.stdout and keys.active_name(key_dir) == old
+    done = ops.ok("emergency", "rotate-all", "--yes")
+    assert "database password skipped" in done.stdout and "Kafka credentials skipped" in done.stdout
+    assert "signing key rotated" in done.stdout and "Credentials rotated." in done.stdout
+    new = keys.active_name(key_dir)
+    assert new is not None and new != old
+    assert not (key_dir / f"{old}.key").exists() and (key_dir / f"{old}.pub").exists()
+    with db.read() as conn:
+        history = {r.key_name: r.active for r in keys.key_history(conn)}
+    assert history == {old: False, new: True}
+    status = json.loads(ops.ok("services", "status", "-o", "json").stdout)["components"]
+    writer = {c["component"]: c for c in status}["ledger-writer"]
+    assert writer["state"] == "running"
+    assert writer["detail"] != {c["component"]: c for c in pid_before}["ledger-writer"]["detail"]  # restarted
+
+    produce(120)
+    wait_for(lambda: all_sealed(240), timeout=90, what="the later events sealed")
+    assert _sealed_by(url) == {old: 120, new: 120}
+    verified = block(
+        ops.ok("merkle", "verify-range", "--start-time", "2000-01-01", "--end-time", "now").stdout
+    )
+    assert verified["Integrity"] == "PASSED" and verified["Event Count"] == "240"
+    actions = _actions(db)
+    assert "emergency.rotate-all.finished" in actions
