@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -112,39 +113,41 @@ class EventBatch:
 
 _BLOCK = 32
 _SLICE = (
-    "substring(leaf_hashes FROM ((({lo}) - (first_seq - 1)) * 32 + 1)::int FOR ((({hi}) - ({lo})) * 32)::int)"
+    "substring(b.leaf_hashes FROM ((({lo}) - (b.first_seq - 1)) * 32 + 1)::int"
+    " FOR ((({hi}) - ({lo})) * 32)::int)"
 )
-_HEAD = ("first_seq - 1", "least(((first_seq - 1 + 31) / 32) * 32, last_seq)")
-_EVENT = ("greatest((%(index)s / 32) * 32, first_seq - 1)", "least((%(index)s / 32) * 32 + 32, last_seq)")
-_TAIL = ("greatest((last_seq / 32) * 32, first_seq - 1)", "last_seq")
+_HEAD = ("b.first_seq - 1", "least(((b.first_seq - 1 + 31) / 32) * 32, b.last_seq)")
+_EVENT = ("greatest(({index} / 32) * 32, b.first_seq - 1)", "least(({index} / 32) * 32 + 32, b.last_seq)")
+_TAIL = ("greatest((b.last_seq / 32) * 32, b.first_seq - 1)", "b.last_seq")
+_B_COLUMNS = ", ".join(f"b.{c.strip()}" for c in _COLUMNS.split(","))
 
 
-def _slice_sql(bounds: tuple[str, str]) -> str:
-    lo, hi = bounds
+def _slice_sql(bounds: tuple[str, str], index: str) -> str:
+    lo, hi = (bound.format(index=index) for bound in bounds)
     return f"CASE WHEN ({hi}) > ({lo}) THEN {_SLICE.format(lo=lo, hi=hi)} ELSE '\\x'::bytea END"
 
 
-def for_event(conn: AnyConnection, batch_id: UUID, index: int) -> EventBatch | None:
-    """One round trip: the batch holding leaf ``index`` and what its audit path needs (a few KB)."""
-    wanted = "batch_id = %(id)s"
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            f"""
-            SELECT {_COLUMNS}, {wanted} AS wanted, (SELECT origin FROM merkle_state) AS origin,
-                   CASE WHEN {wanted} THEN {_slice_sql(_HEAD)} END AS head,
-                   CASE WHEN {wanted} THEN {_slice_sql(_EVENT)} END AS event,
-                   CASE WHEN {wanted} THEN {_slice_sql(_TAIL)} END AS tail
-              FROM merkle_batches
-             WHERE {wanted}
-                OR tree_size = (SELECT previous_tree_size FROM merkle_batches WHERE {wanted})
-            """,
-            {"id": batch_id, "index": index},
-        ).fetchall()
+def _batch_rows_sql(batch_id: str, index: str) -> str:
+    """The batch ``batch_id`` (SQL) with the leaf slices the audit path of leaf ``index`` needs, and the
+    batch before it (``wanted`` false, no slices)."""
+    wanted = f"b.batch_id = {batch_id}"
+    return f"""
+        SELECT {_B_COLUMNS}, {wanted} AS wanted,
+               CASE WHEN {wanted} THEN {_slice_sql(_HEAD, index)} END AS head,
+               CASE WHEN {wanted} THEN {_slice_sql(_EVENT, index)} END AS event,
+               CASE WHEN {wanted} THEN {_slice_sql(_TAIL, index)} END AS tail
+          FROM merkle_batches b
+         WHERE {wanted}
+            OR b.tree_size = (SELECT p.previous_tree_size FROM merkle_batches p WHERE p.batch_id = {batch_id})
+    """
+
+
+def _event_batch(rows: Sequence[dict[str, Any]], index: int, origin: str) -> EventBatch | None:
     row = next((r for r in rows if r["wanted"]), None)
     if row is None:
         return None
     batch = _batch(row)
-    before = next((_batch(r) for r in rows if not r["wanted"]), None)
+    before = next((_batch(r) for r in rows if r["wanted"] is False), None)
     start, end = batch.first_seq - 1, batch.last_seq
     block = (index // _BLOCK) * _BLOCK
     leaves: dict[int, bytes] = {}
@@ -155,7 +158,46 @@ def for_event(conn: AnyConnection, batch_id: UUID, index: int) -> EventBatch | N
     ):
         for i, leaf in enumerate(split_hashes(data)):
             leaves[lo + i] = leaf
-    return EventBatch(batch, before, row["origin"], leaves)
+    return EventBatch(batch, before, origin, leaves)
+
+
+def for_event(conn: AnyConnection, batch_id: UUID, index: int) -> EventBatch | None:
+    """One round trip: the batch holding leaf ``index`` and what its audit path needs (a few KB)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            f"SELECT q.*, (SELECT origin FROM merkle_state) AS origin"
+            f" FROM ({_batch_rows_sql('%(id)s', '%(index)s')}) q",
+            {"id": batch_id, "index": index},
+        ).fetchall()
+    return _event_batch(rows, index, rows[0]["origin"] if rows else "")
+
+
+@functools.lru_cache(maxsize=8)
+def _with_event_sql(columns: str) -> str:
+    return f"""
+        SELECT ev.*, (SELECT origin FROM merkle_state) AS origin, q.*
+          FROM (SELECT e.seq AS event_seq, e.merkle_root_id AS event_batch, {columns}
+                  FROM ledger_events e WHERE e.event_id = %(event)s) ev
+          LEFT JOIN LATERAL ({_batch_rows_sql("ev.event_batch", "(ev.event_seq - 1)")}) q
+            ON ev.event_seq IS NOT NULL
+    """
+
+
+def with_event(
+    conn: AnyConnection, event_id: int, columns: str
+) -> tuple[dict[str, Any], EventBatch | None] | None:
+    """One round trip for proving an event: ``columns`` (SQL over ``ledger_events e``, each named with
+    ``AS``) of event ``event_id``, and the batch it names (as :func:`for_event`), or None for the batch
+    when it names none that exists. None when there is no such event."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(_with_event_sql(columns), {"event": event_id}).fetchall()
+    if not rows:
+        return None
+    event = rows[0]
+    seq = event["event_seq"]
+    if seq is None or event["event_batch"] is None or event["batch_id"] is None:
+        return event, None
+    return event, _event_batch(rows, int(seq) - 1, event["origin"])
 
 
 def ending_at(conn: AnyConnection, tree_size: int, *, with_leaves: bool = False) -> Batch | None:

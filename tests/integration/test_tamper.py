@@ -24,7 +24,7 @@ from caracald.core.audit import AuditEventType
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
 from caracald.core.signing import Checkpoint, generate_key, sign_checkpoint
-from caracald.integrity import encoding, keys, sealer
+from caracald.integrity import encoding, keys, sealer, verifier
 from caracald.store import ledger as ledger_store
 from caracald.store.database import Database
 from tests.clitools import block
@@ -165,6 +165,35 @@ def test_intact_ledger_verifies(ledger: Ledger) -> None:
     assert fields["Event Count"] == "2,500"
     assert fields["Batches Checked"] == "3"
     assert fields["Merkle Root"].startswith("0x") and len(fields["Merkle Root"]) == 66
+
+
+def test_an_intact_ledger_is_verified_from_its_packed_rows(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Intact batches pass on their packed rows alone; anything wrong sends them to the row-by-row check,
+    which names the event."""
+    row_by_row: list[uuid.UUID] = []
+    check_batch = verifier._Walk.check_batch
+
+    def spy(walk: Any, batch: Any, *args: Any) -> Any:
+        row_by_row.append(batch.batch_id)
+        return check_batch(walk, batch, *args)
+
+    monkeypatch.setattr(verifier._Walk, "check_batch", spy)
+    trusted = [keys.load_signing_key(ledger.sealed.key_dir).public()]
+    with psycopg.connect(ledger.url) as conn:
+        report = verifier.verify_all(conn, trusted)
+    assert report.ok, report.first_problem
+    assert report.events_checked == EVENTS
+    assert row_by_row == []
+
+    event = ledger.event_at(TARGET_SEQ)
+    ledger.sql("UPDATE ledger_events SET input_tokens = input_tokens + 1 WHERE event_id = %s", (event,))
+    with psycopg.connect(ledger.url) as conn:
+        report = verifier.verify_all(conn, trusted)
+    first = report.first_problem
+    assert first is not None and first.kind == "column_mismatch" and first.event_id == event
+    assert row_by_row == ledger.batches
 
 
 def test_guard_triggers_refuse_changes_to_sealed_rows(ledger: Ledger) -> None:
