@@ -8,8 +8,13 @@ harness (``fsync=off``). Each run uses a new database. Steps and what is printed
 
 1. insert the events with ``COPY`` (the fast path; as superuser, foreign key triggers are skipped);
 2. seal them all (``seal_pending`` with batches of 1,000): events/s, and the signing cost per batch;
-3. ``verify_range`` over everything, rows streamed from PostgreSQL: events/s (target 250,000/s);
-4. ``verify_event`` for 1,000 random events: p50 and p99 latency (target 2 ms).
+3. ``verify_range`` over everything, rows streamed from PostgreSQL (best of two runs): events/s (target
+   250,000/s), with the CPU seconds of the verifier and of its PostgreSQL backend;
+4. ``verify_event`` for 1,000 random events on an autocommit connection (one statement each, as a service
+   answering proof requests would hold it): p50 and p99 latency (target 2 ms), CPU per event.
+
+The machine's load average is printed before each timed step: on a shared machine the numbers mean little
+without it.
 """
 
 from __future__ import annotations
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     url, service = _database(args.database_url)
-    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"load average at start: {_load()}")
     try:
         migrate(url)
         with psycopg.connect(url) as conn:
@@ -129,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 trusted = _load_and_seal(conn, args)
             backend = conn.info.backend_pid
 
+            print(f"load average before verify-range: {_load()}")
             best: tuple[float, float, float | None] | None = None
             for _ in range(2):
                 client0, server0 = time.process_time(), _backend_cpu(backend)
@@ -160,32 +166,46 @@ def main(argv: list[str] | None = None) -> int:
             with conn.cursor() as cur:
                 ids = [r[0] for r in cur.execute("SELECT event_id FROM ledger_events").fetchall()]
             conn.rollback()
-            latencies = []
-            client0, server0 = time.process_time(), _backend_cpu(backend)
-            for event_id in random.sample(ids, min(args.samples, len(ids))):
-                started = time.perf_counter()
-                report = verifier.verify_event(conn, event_id, trusted)
-                conn.rollback()
-                latencies.append((time.perf_counter() - started) * 1000)
-                assert report.ok, report.first_problem
-            client, server = time.process_time() - client0, _backend_cpu(backend)
-            latencies.sort()
-            p50 = statistics.median(latencies)
-            p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
-            verdict = "meets" if p99 <= EVENT_TARGET_MS else "misses"
-            print(
-                f"verify-event:    p50 {p50:.2f} ms, p99 {p99:.2f} ms over {len(latencies):,} events"
-                f" ({verdict} the {EVENT_TARGET_MS} ms target at p99)"
-            )
-            if server is not None and server0 is not None:
-                print(
-                    f"  CPU per event: verifier {client / len(latencies) * 1000:.2f} ms,"
-                    f" PostgreSQL {(server - server0) / len(latencies) * 1000:.2f} ms"
-                )
+            _verify_events(url, trusted, random.sample(ids, min(args.samples, len(ids))))
     finally:
         if service is not None:
             service.stop()  # type: ignore[attr-defined]
     return 0
+
+
+def _verify_events(url: str, trusted: list[VerifyingKey], sample: list[int]) -> None:
+    print(f"load average before verify-event: {_load()}")
+    with psycopg.connect(url, autocommit=True) as conn:
+        backend = conn.info.backend_pid
+        for event_id in sample[:10]:  # the statement is prepared after a few runs, as in a long-lived service
+            verifier.verify_event(conn, event_id, trusted)
+        latencies = []
+        client0, server0 = time.process_time(), _backend_cpu(backend)
+        for event_id in sample:
+            started = time.perf_counter()
+            report = verifier.verify_event(conn, event_id, trusted)
+            latencies.append((time.perf_counter() - started) * 1000)
+            assert report.ok, report.first_problem
+        client, server = time.process_time() - client0, _backend_cpu(backend)
+    latencies.sort()
+    p50 = statistics.median(latencies)
+    p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
+    verdict = "meets" if p50 <= EVENT_TARGET_MS else "misses"
+    verdict99 = "meets" if p99 <= EVENT_TARGET_MS else "misses"
+    print(
+        f"verify-event:    p50 {p50:.2f} ms ({verdict} the {EVENT_TARGET_MS} ms target),"
+        f" p99 {p99:.2f} ms ({verdict99} it) over {len(latencies):,} events"
+    )
+    if server is not None and server0 is not None:
+        print(
+            f"  CPU per event: verifier {client / len(latencies) * 1000:.2f} ms,"
+            f" PostgreSQL {(server - server0) / len(latencies) * 1000:.2f} ms"
+        )
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f}, {five:.2f}, {fifteen:.2f} (1, 5, 15 min) on {os.cpu_count()} CPUs"
 
 
 def _backend_cpu(pid: int) -> float | None:
@@ -211,6 +231,7 @@ def _load_and_seal(
     keys.register(conn, key.public(), datetime.now(UTC))
     conn.commit()
 
+    print(f"load average before seal: {_load()}")
     started, cpu0 = time.perf_counter(), time.process_time()
     result = sealer.seal_pending(conn, key, max_batch=args.batch_size, max_age=timedelta(0))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
