@@ -9,13 +9,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 from caracald.admin.common import require_agent
 from caracald.budget.base import Scope, ScopeStatus
 from caracald.core.budget import bucket_seconds, rolling_buckets, spend_slot
 from caracald.core.money import Money
 from caracald.core.policy import PolicyVersion
-from caracald.core.windows import WindowBounds, window_bounds
+from caracald.core.windows import window_bounds
 from caracald.store import agents as agent_store
 from caracald.store import policies as policy_store
 from caracald.store import spend as spend_store
@@ -91,25 +92,19 @@ def agent_names(db: Database, agent_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID,
         return {a: (require_agent(conn, a).name) for a in set(agent_ids)}
 
 
-def _span(bounds: WindowBounds) -> tuple[datetime, datetime]:
-    return bounds.start, bounds.end
-
-
 def all_ledger_status(db: Database, at: datetime, *, hold_ttl: timedelta) -> list[ScopeStatus]:
     """:func:`ledger_status` of every active policy, in a few statements whatever their number."""
     with db.read() as conn:
-        ids = [a.agent_id for a in agent_store.list_all(conn, limit=1_000_000)]
-        scopes = [_scope(p) for p in policy_store.current_for_agents(conn, ids)]
-        bounds = {s.policy_id: window_bounds(s.window, at) for s in scopes}
-        totals = spend_store.scope_totals(
-            conn,
-            [(s.policy_id, s.agent_id, s.limit.currency, *_span(bounds[s.policy_id])) for s in scopes],
-            at - hold_ttl,
+        scopes = [_scope(p) for p in policy_store.current_all(conn)]
+        bounds = {w: window_bounds(w, at) for w in {s.window for s in scopes}}  # a few distinct windows
+        totals = spend_store.policy_totals(
+            conn, [(w, b.start, b.end) for w, b in bounds.items()], at - hold_ttl
         )
     statuses = []
     for scope in scopes:
         currency = scope.limit.currency
-        settled, held, holds = totals[scope.policy_id]
-        window = bounds[scope.policy_id]
+        # a policy created since the first statement is not in the totals: nothing charged to it yet
+        settled, held, holds = totals.get(scope.policy_id, (Decimal(0), Decimal(0), 0))
+        window = bounds[scope.window]
         statuses.append(ScopeStatus(scope, window, Money(settled, currency), Money(held, currency), holds))
     return statuses

@@ -89,6 +89,20 @@ def _exponent(scale: int) -> Decimal:
     return Decimal(1).scaleb(-scale)
 
 
+_QUANTA: dict[str, tuple[str, Decimal]] = {}
+
+
+def _quantum(currency: str) -> tuple[str, Decimal]:
+    """``(normalised code, ledger quantum)`` of a currency as spelled, memoised: every Money needs it."""
+    found = _QUANTA.get(currency)
+    if found is None:
+        code = check_currency(currency)
+        found = (code, _exponent(ledger_scale(code)))
+        if len(_QUANTA) < 1024:  # only valid spellings get here; a bound all the same
+            _QUANTA[currency] = found
+    return found
+
+
 def parse_decimal(text: str | int | Decimal, *, what: str = "amount") -> Decimal:
     """Parse a user-supplied number exactly. Floats are refused: they are already inexact."""
     if isinstance(text, bool | float):
@@ -112,11 +126,11 @@ class Money:
     def __post_init__(self) -> None:
         if not isinstance(self.amount, Decimal):
             raise TypeError(f"Money amount must be a Decimal, got {type(self.amount).__name__}")
-        currency = check_currency(self.currency)
+        currency, quantum = _quantum(self.currency)
         if not self.amount.is_finite():
             raise ValidationError("amount must be finite")
         try:
-            scaled = self.amount.quantize(_exponent(ledger_scale(currency)), rounding=ROUND_CEILING)
+            scaled = self.amount.quantize(quantum, rounding=ROUND_CEILING)
         except InvalidOperation:  # more digits than the decimal context holds
             raise ValidationError(f"amount {self.amount} {currency} is too large") from None
         object.__setattr__(self, "currency", currency)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +19,12 @@ _SELECT = """
 """
 
 
+@functools.lru_cache(maxsize=1024)
+def _window(window: str, window_type: str, timezone: str) -> WindowSpec:
+    # Immutable, and a handful of distinct ones however many policies: validated once, shared.
+    return WindowSpec(window, window_type, timezone)  # type: ignore[arg-type]
+
+
 def _version(row: dict[str, Any]) -> PolicyVersion:
     return PolicyVersion(
         policy_id=row["policy_id"],
@@ -25,7 +32,7 @@ def _version(row: dict[str, Any]) -> PolicyVersion:
         version=row["version"],
         terms=PolicyTerms(
             limit=Money(row["limit_amount"], row["currency"]),
-            window=WindowSpec(row["time_window"], row["window_type"], row["timezone"]),
+            window=_window(row["time_window"], row["window_type"], row["timezone"]),
         ),
         status=PolicyStatus(row["status"]),
         change_reason=row["change_reason"],
@@ -88,6 +95,15 @@ def current_for_agents(
         + status
         + " ORDER BY p.created_at, v.policy_id",
         (list(agent_ids),),
+    ).fetchall()
+    return [_version(r) for r in rows]
+
+
+def current_all(conn: Connection) -> list[PolicyVersion]:
+    """The current version of every active policy, of every agent."""
+    rows = conn.execute(
+        _SELECT
+        + " WHERE v.version = p.current_version AND v.status = 'active' ORDER BY p.created_at, v.policy_id"
     ).fetchall()
     return [_version(r) for r in rows]
 

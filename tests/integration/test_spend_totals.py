@@ -25,8 +25,11 @@ from caracald.consumers.ledger_writer import Backoff, LedgerWriter
 from caracald.core.events import METERING_TOPIC, MeteringEvent, encode
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
+from caracald.core.policy import PolicyStatus, PolicyTerms, PolicyVersion
+from caracald.core.windows import TimeWindow, WindowSpec, WindowType
 from caracald.store import ledger as ledger_store
-from caracald.store import spend_totals
+from caracald.store import policies as policy_store
+from caracald.store import spend, spend_totals
 from caracald.store.database import Database
 
 pytestmark = pytest.mark.integration
@@ -34,6 +37,7 @@ pytestmark = pytest.mark.integration
 BASE = datetime(2024, 3, 9, tzinfo=UTC)  # spans the US DST change: hours are UTC hours anyway
 SPAN = timedelta(days=3)
 KINDS = list(LedgerEventType)
+CHARGED = (LedgerEventType.SETTLEMENT, LedgerEventType.EXPIRY, LedgerEventType.ADJUSTMENT)
 
 
 def add_agent(conn: psycopg.Connection[Any]) -> uuid.UUID:
@@ -245,3 +249,86 @@ def test_the_ledger_writer_keeps_the_totals_and_a_replay_changes_neither_ledger_
         pg_log.reset_offsets(conn, "ledger-writer-group", METERING_TOPIC, 0)
     drain()
     assert snapshot() == first
+
+
+def raw_charged(
+    db: Database, agents: list[uuid.UUID], currency: str, start: datetime, end: datetime
+) -> Decimal:
+    """The reference: the charged events themselves, summed."""
+    with db.read() as conn:
+        row = conn.execute(
+            "SELECT COALESCE(sum(cost), 0) AS total FROM ledger_events WHERE agent_id = ANY(%s) "
+            "AND currency = %s AND event_type IN ('settlement', 'expiry', 'adjustment') "
+            "AND occurred_at >= %s AND occurred_at < %s",
+            (agents, currency, start, end),
+        ).fetchone()
+    assert row is not None
+    return Decimal(row["total"])
+
+
+ZONES = ["UTC", "Asia/Kolkata", "America/New_York", "Asia/Kathmandu", "Australia/Adelaide", "Europe/Berlin"]
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    events=st.lists(st.tuples(st.booleans(), event_strategy), max_size=60),
+    windows=st.lists(
+        st.tuples(st.booleans(), st.sampled_from(["USD", "EUR"]), instant, instant, st.booleans()),
+        min_size=1,
+        max_size=len(ZONES),
+    ),
+)
+def test_budget_totals_from_hours_and_ragged_ends_equal_the_events(
+    db: Database,
+    events: list[tuple[bool, tuple[LedgerEventType, int, Decimal, str]]],
+    windows: list[tuple[bool, str, int, int, bool]],
+) -> None:
+    """Budget windows start and end anywhere (a daily window in Asia/Kolkata starts at :30 UTC): what a
+    parent's and a child's policies were charged, per policy and for every policy at once, is exactly the
+    sum of the charged events in the window, however much comes from the hourly totals."""
+    with db.transaction() as conn:
+        parent = add_agent(conn)
+        child = add_agent(conn)
+        conn.execute("UPDATE agents SET parent_id = %s WHERE agent_id = %s", (parent, child))
+    rows = [
+        LedgerEvent(
+            uuid.uuid4(),
+            kind,
+            child if to_child else parent,
+            _at(at),
+            Money(cost if kind in CHARGED else Decimal(0), currency),
+        )
+        for to_child, (kind, at, cost, currency) in events
+    ]
+    with db.transaction() as conn:
+        ledger_store.insert_events(conn, rows)
+    policies: list[tuple[uuid.UUID, uuid.UUID, str, WindowSpec, datetime, datetime]] = []
+    for zone, (of_parent, currency, a, b, snap) in zip(ZONES, windows, strict=False):
+        start, end = sorted((_at(_hourly(a) if snap else a), _at(b)))
+        end = max(end, start + timedelta(microseconds=1))
+        spec = WindowSpec(TimeWindow.DAILY, WindowType.CALENDAR, zone)
+        policy = PolicyVersion(
+            policy_id=uuid.uuid4(),
+            agent_id=parent if of_parent else child,
+            version=1,
+            terms=PolicyTerms(Money(Decimal(100), currency), spec),
+            status=PolicyStatus.ACTIVE,
+            change_reason="test",
+            changed_by="test",
+            created_at=datetime.now(UTC),
+        )
+        with db.transaction() as conn:
+            policy_store.insert_version(conn, policy)
+        policies.append((policy.policy_id, policy.agent_id, currency, spec, start, end))
+    with db.read() as conn:
+        # the bounds are the test's, not the windows' at some instant: any start and end
+        bulk = spend.policy_totals(conn, [(spec, start, end) for *_, spec, start, end in policies], BASE)
+        for policy_id, agent, currency, _spec, start, end in policies:
+            subtree = [parent, child] if agent == parent else [child]
+            expected = raw_charged(db, subtree, currency, start, end)
+            assert spend.charged_total(conn, subtree, currency, start, end) == expected, (start, end)
+            assert bulk[policy_id][0] == expected, (start, end)
