@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, Final
 
@@ -66,7 +67,52 @@ def _header(data: bytes) -> bytes:
     return data[_HEADER.size + extension :]
 
 
-def _direct(conn: AnyConnection, statement: bytes) -> Iterator[bytes]:
+#: At most this many bytes of rows are read ahead by :meth:`Rows.pump`.
+READ_AHEAD_BYTES: Final = 8 << 20
+
+
+class _Ahead:
+    """Rows taken off the socket before they were asked for (see :meth:`Rows.pump`)."""
+
+    def __init__(self, pg: pq.abc.PGconn) -> None:
+        self.pg = pg
+        self.rows: deque[bytes] = deque()
+        self.size = 0
+        self.started = False
+        #: What ``get_copy_data`` answered once the rows ended (-1), or failed (-2); None while they flow.
+        self.end: int | None = None
+
+    def pump(self) -> None:
+        if not self.started or self.end is not None or self.size >= READ_AHEAD_BYTES:
+            return
+        pg = self.pg
+        pg.consume_input()
+        while self.size < READ_AHEAD_BYTES:
+            size, message = pg.get_copy_data(1)
+            if size > 0:
+                self.rows.append(bytes(message))
+                self.size += size
+            else:
+                if size < 0:
+                    self.end = size
+                return
+
+    def take(self) -> tuple[int, bytes]:
+        """The next message (size, bytes); a negative size once the rows have ended."""
+        if self.rows:
+            data = self.rows.popleft()
+            self.size -= len(data)
+            return len(data), data
+        if self.end is not None:
+            return self.end, b""
+        size, message = self.pg.get_copy_data(0)
+        if size < 0:
+            self.end = size
+            return size, b""
+        return size, bytes(message)
+
+
+def _direct(conn: AnyConnection, statement: bytes, ahead: _Ahead) -> Iterator[bytes]:
     # No psycopg lock is held across the yields (a caller's rollback after an error must not hang); the
     # connection must not be used for anything else until the rows are consumed.
     pg = conn.pgconn
@@ -78,26 +124,26 @@ def _direct(conn: AnyConnection, statement: bytes) -> Iterator[bytes]:
         if result is not None:
             _raise_for(result)
         raise psycopg.OperationalError("no result for COPY")
-    get = pg.get_copy_data
+    ahead.started = True
+    take = ahead.take
     done = False
     try:
-        size, message = get(0)
+        size, message = take()
         if size >= 0:
-            first = _header(bytes(message))
+            first = _header(message)
             if first and first != TRAILER:
                 yield first
             while True:
-                size, message = get(0)
+                size, data = take()
                 if size < 0:
                     break
-                data = bytes(message)
                 if data != TRAILER:
                     yield data
         done = True
     finally:
         if not done:  # the caller stopped early: drain, so the connection stays usable
             with contextlib.suppress(psycopg.Error):
-                while get(0)[0] >= 0:
+                while take()[0] >= 0:
                     pass
         failure = None
         while (result := pg.get_result()) is not None:
@@ -121,7 +167,25 @@ def _via_psycopg(conn: AnyConnection, statement: bytes) -> Iterator[bytes]:
                 yield data
 
 
-def rows(conn: AnyConnection, query: str, params: Sequence[Any] | None = None) -> Iterator[bytes]:
+class Rows(Iterator[bytes]):
+    """The rows of one ``COPY``; :meth:`pump` reads those already sent on ahead."""
+
+    def __init__(self, rows: Iterator[bytes], ahead: _Ahead | None) -> None:
+        self._rows = rows
+        self._ahead = ahead
+
+    def __next__(self) -> bytes:
+        return next(self._rows)
+
+    def pump(self) -> None:
+        """Take the rows PostgreSQL has sent so far off the socket (up to :data:`READ_AHEAD_BYTES`),
+        without waiting for more. A caller busy with a large row calls it now and then, so the server
+        goes on producing the next rows instead of waiting for room in the socket."""
+        if self._ahead is not None:
+            self._ahead.pump()
+
+
+def rows(conn: AnyConnection, query: str, params: Sequence[Any] | None = None) -> Rows:
     """Each row of ``COPY (query) TO STDOUT (FORMAT binary)``, as the bytes from its field count on.
 
     PostgreSQL sends each row in a message of its own, so a message is taken as one row without parsing
@@ -132,5 +196,6 @@ def rows(conn: AnyConnection, query: str, params: Sequence[Any] | None = None) -
     in_transaction = conn.info.transaction_status == pq.TransactionStatus.INTRANS
     plain = conn.pgconn.pipeline_status == pq.PipelineStatus.OFF and isinstance(conn, psycopg.Connection)
     if in_transaction and plain and not conn.autocommit:
-        return _direct(conn, statement)
-    return _via_psycopg(conn, statement)
+        ahead = _Ahead(conn.pgconn)
+        return Rows(_direct(conn, statement, ahead), ahead)
+    return Rows(_via_psycopg(conn, statement), None)

@@ -391,6 +391,8 @@ SELECT b.i, r.n, r.named, r.intact, r.lengths, r.data
  ORDER BY b.i
 """
 _PACKED_FIELDS: Final = 6
+#: Leaves hashed between two looks at the socket (a batch's rows are larger than its buffer).
+_PUMP_EVERY: Final = 256
 _EVENT_ID: Final = EVENT_ID_SLICE
 
 
@@ -566,9 +568,12 @@ class _Walk:
         problems.extend(self.chain(batch, signed_root))
         return problems, signed_root
 
-    def check_packed(self, batch: Batch, packed: _Packed) -> _Checked | None:
-        """Check a batch whose rows PostgreSQL packed (see :func:`_packed_rows`), when nothing is wrong
-        with it; None as soon as anything is (:meth:`check_batch` then finds and explains it)."""
+    def check_packed(
+        self, batch: Batch, packed: _Packed, pump: Callable[[], None] = lambda: None
+    ) -> _Checked | None:
+        """Check a batch whose rows PostgreSQL packed (see ``_PACKED``), when nothing is wrong with it;
+        None as soon as anything is (:meth:`check_batch` then finds and explains it). ``pump`` is called
+        between steps, to take the next batches' rows off the socket meanwhile."""
         head, signed_root = self.check_head(batch)
         if head or not packed.named or not packed.intact or packed.count != batch.event_count:
             return None
@@ -580,8 +585,15 @@ class _Walk:
         ids = [c[_EVENT_ID] for c in canonicals]
         if not ids or ids[-1][0] & 0x80 or not all(map(bytes.__lt__, ids, ids[1:])):
             return None
-        leaves = merkle.leaf_hashes(canonicals)
-        if _root_of(batch, leaves) != signed_root or not _blocks_ok(batch, leaves, signed_root):
+        leaves: list[bytes] = []
+        for i in range(0, len(canonicals), _PUMP_EVERY):
+            pump()
+            leaves += merkle.leaf_hashes(canonicals[i : i + _PUMP_EVERY])
+        pump()
+        if _root_of(batch, leaves) != signed_root:
+            return None
+        pump()
+        if not _blocks_ok(batch, leaves, signed_root):
             return None
         self.prev_size, self.prev_root, self.prev_id = batch.tree_size, signed_root, batch.batch_id
         return _Checked(batch, [], leaves, signed_root, True)
@@ -802,7 +814,8 @@ def _check_packed(conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch]) -> l
         for i, batch in enumerate(chunk, start=1):
             data = next(messages, None)
             packed = _packed(data) if data is not None else None
-            result = walk.check_packed(batch, packed) if packed is not None and packed.index == i else None
+            ok = packed is not None and packed.index == i
+            result = walk.check_packed(batch, packed, messages.pump) if packed is not None and ok else None
             if result is None:
                 break
             checked.append(result)
