@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -32,6 +33,12 @@ from tests.tui.helpers import column, make_app, notices, screen_text, settle, ta
 ACTOR = "tui-operator@example.com"
 
 
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture
 def key_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Signing keys and backups in the test's folder (the CLI and the dashboard read the same settings)."""
@@ -39,6 +46,10 @@ def key_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("CARACAL__INTEGRITY__KEY_DIR", str(keys))
     monkeypatch.setenv("CARACAL__BACKUP__DIR", str(tmp_path / "backups"))
     monkeypatch.setenv("CARACAL_DATA_DIR", str(tmp_path / "data"))
+    # No gateway runs in these tests: point at a port nothing listens on, not at the default one, where
+    # another process of the machine may serve
+    monkeypatch.setenv("CARACAL__GATEWAY__PORT", str(closed_port()))
+    monkeypatch.setenv("CARACAL__GATEWAY__METRICS_PORT", str(closed_port()))
     return keys
 
 
