@@ -127,27 +127,15 @@ def _slice_sql(bounds: tuple[str, str], index: str) -> str:
     return f"CASE WHEN ({hi}) > ({lo}) THEN {_SLICE.format(lo=lo, hi=hi)} ELSE '\\x'::bytea END"
 
 
-def _batch_rows_sql(batch_id: str, index: str) -> str:
-    """The batch ``batch_id`` (SQL) with the leaf slices the audit path of leaf ``index`` needs, and the
-    batch before it (``wanted`` false, no slices)."""
-    wanted = f"b.batch_id = {batch_id}"
-    return f"""
-        SELECT {_B_COLUMNS}, {wanted} AS wanted,
-               CASE WHEN {wanted} THEN {_slice_sql(_HEAD, index)} END AS head,
-               CASE WHEN {wanted} THEN {_slice_sql(_EVENT, index)} END AS event,
-               CASE WHEN {wanted} THEN {_slice_sql(_TAIL, index)} END AS tail
-          FROM merkle_batches b
-         WHERE {wanted}
-            OR b.tree_size = (SELECT p.previous_tree_size FROM merkle_batches p WHERE p.batch_id = {batch_id})
-    """
+_P_COLUMNS = ", ".join(f"p.{c.strip()} AS p_{c.strip()}" for c in _COLUMNS.split(","))
+_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 
 
-def _event_batch(rows: Sequence[dict[str, Any]], index: int, origin: str) -> EventBatch | None:
-    row = next((r for r in rows if r["wanted"]), None)
-    if row is None:
-        return None
+def _event_batch(row: dict[str, Any], index: int) -> EventBatch:
     batch = _batch(row)
-    before = next((_batch(r) for r in rows if r["wanted"] is False), None)
+    before = (
+        _batch({name: row[f"p_{name}"] for name in _COLUMN_NAMES}) if row["p_batch_id"] is not None else None
+    )
     start, end = batch.first_seq - 1, batch.last_seq
     block = (index // _BLOCK) * _BLOCK
     leaves: dict[int, bytes] = {}
@@ -158,28 +146,23 @@ def _event_batch(rows: Sequence[dict[str, Any]], index: int, origin: str) -> Eve
     ):
         for i, leaf in enumerate(split_hashes(data)):
             leaves[lo + i] = leaf
-    return EventBatch(batch, before, origin, leaves)
-
-
-def for_event(conn: AnyConnection, batch_id: UUID, index: int) -> EventBatch | None:
-    """One round trip: the batch holding leaf ``index`` and what its audit path needs (a few KB)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            f"SELECT q.*, (SELECT origin FROM merkle_state) AS origin"
-            f" FROM ({_batch_rows_sql('%(id)s', '%(index)s')}) q",
-            {"id": batch_id, "index": index},
-        ).fetchall()
-    return _event_batch(rows, index, rows[0]["origin"] if rows else "")
+    return EventBatch(batch, before, row["origin"], leaves)
 
 
 @functools.lru_cache(maxsize=8)
 def _with_event_sql(columns: str) -> str:
+    index = "(e.seq - 1)"
     return f"""
-        SELECT ev.*, (SELECT origin FROM merkle_state) AS origin, q.*
-          FROM (SELECT e.seq AS event_seq, e.merkle_root_id AS event_batch, {columns}
-                  FROM ledger_events e WHERE e.event_id = %(event)s) ev
-          LEFT JOIN LATERAL ({_batch_rows_sql("ev.event_batch", "(ev.event_seq - 1)")}) q
-            ON ev.event_seq IS NOT NULL
+        SELECT e.seq AS event_seq, e.merkle_root_id AS event_batch, {columns},
+               (SELECT origin FROM merkle_state) AS origin,
+               {_B_COLUMNS}, {_P_COLUMNS},
+               {_slice_sql(_HEAD, index)} AS head,
+               {_slice_sql(_EVENT, index)} AS event,
+               {_slice_sql(_TAIL, index)} AS tail
+          FROM ledger_events e
+          LEFT JOIN merkle_batches b ON b.batch_id = e.merkle_root_id AND e.seq IS NOT NULL
+          LEFT JOIN merkle_batches p ON p.tree_size = b.previous_tree_size
+         WHERE e.event_id = %(event)s
     """
 
 
@@ -187,17 +170,17 @@ def with_event(
     conn: AnyConnection, event_id: int, columns: str
 ) -> tuple[dict[str, Any], EventBatch | None] | None:
     """One round trip for proving an event: ``columns`` (SQL over ``ledger_events e``, each named with
-    ``AS``) of event ``event_id``, and the batch it names (as :func:`for_event`), or None for the batch
-    when it names none that exists. None when there is no such event."""
+    ``AS``) of event ``event_id``, and the batch it names with what the audit path of the event's leaf
+    needs (a few KB), or None for the batch when it names none that exists. None when there is no such
+    event."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(_with_event_sql(columns), {"event": event_id}).fetchall()
     if not rows:
         return None
     event = rows[0]
-    seq = event["event_seq"]
-    if seq is None or event["event_batch"] is None or event["batch_id"] is None:
+    if event["batch_id"] is None:
         return event, None
-    return event, _event_batch(rows, int(seq) - 1, event["origin"])
+    return event, _event_batch(event, int(event["event_seq"]) - 1)
 
 
 def ending_at(conn: AnyConnection, tree_size: int, *, with_leaves: bool = False) -> Batch | None:
