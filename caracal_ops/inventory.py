@@ -17,6 +17,7 @@ import json
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +32,8 @@ from caracald.admin import budget as budget_admin
 from caracald.admin import database as database_admin
 from caracald.admin import ledger as ledger_admin
 from caracald.admin import policies as policy_admin
-from caracald.budget.base import ScopeStatus
+from caracald.admin.budget import Catalog as Catalog  # re-exported: the dashboard holds one
+from caracald.budget.base import Scope, ScopeStatus
 from caracald.core.agents import Agent
 from caracald.core.errors import CaracalError, NotFoundError, StoreUnavailableError, ValidationError
 from caracald.core.ledger import LedgerEvent, SpendingSummary
@@ -183,12 +185,19 @@ def _hold_ttl(state: CliState) -> timedelta:
     return timedelta(seconds=state.config.gateway.hold_ttl_seconds)
 
 
-def budgets(state: CliState, at: datetime) -> list[BudgetView]:
-    """Every active policy's limit, settled spend and open holds in the window in force at ``at``."""
+def catalog(state: CliState, previous: Catalog | None = None) -> Catalog:
+    """Every agent and active policy scope; ``previous`` when nothing changed (see :func:`budgets`)."""
+    return budget_admin.catalog(state.db, previous)
+
+
+def budgets(state: CliState, at: datetime, *, scopes: Sequence[Scope] | None = None) -> list[BudgetView]:
+    """Every active policy's limit, settled spend and open holds in the window in force at ``at`` (of
+    ``scopes``, when the caller holds them from a :func:`catalog`)."""
     if budget_source(state) == "redis":
-        scopes = budget_admin.all_scopes(state.db)
-        return [_view(s) for s in _redis_statuses(state, scopes, at)]
-    return [_view(s) for s in budget_admin.all_ledger_status(state.db, at, hold_ttl=_hold_ttl(state))]
+        chosen = list(scopes) if scopes is not None else budget_admin.all_scopes(state.db)
+        return [_view(s) for s in _redis_statuses(state, chosen, at)]
+    statuses = budget_admin.all_ledger_status(state.db, at, hold_ttl=_hold_ttl(state), scopes=scopes)
+    return [_view(s) for s in statuses]
 
 
 def agent_budgets(state: CliState, agent_id: uuid.UUID, at: datetime) -> list[BudgetView]:

@@ -147,6 +147,7 @@ class LiveSource:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="caracal-tui-probe")
         self._counters: inventory.GatewayCounters | None = None
+        self._catalog: inventory.Catalog | None = None  # agents and policy scopes, re-read when they change
         self._plans: dict[str, Runner] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -411,10 +412,15 @@ class LiveSource:
     def agents(self) -> AgentsSnapshot:
         self._db()
         at = self.now()
-        agents = inventory.agents(self.state)
+        with self._lock:
+            previous = self._catalog
+        catalog = inventory.catalog(self.state, previous)
+        with self._lock:
+            self._catalog = catalog
+        agents = catalog.agents
         names = {a.agent_id: a.name for a in agents}
         by_agent: dict[uuid.UUID, list[Budget]] = {}
-        for view in inventory.budgets(self.state, at):
+        for view in inventory.budgets(self.state, at, scopes=catalog.scopes):
             by_agent.setdefault(view.agent_id, []).append(_budget(view, names))
         rows = tuple(_agent_row(a, tuple(by_agent.get(a.agent_id, ()))) for a in agents)
         return AgentsSnapshot(at, rows, inventory.budget_source(self.state))

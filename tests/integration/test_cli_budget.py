@@ -135,3 +135,34 @@ def test_status_errors(cli: Cli) -> None:
     assert cli("budget", "status", "--agent-id", "nope").exit_code == 2
     missing = cli("budget", "status", "--agent-id", str(uuid.uuid4()))
     assert missing.exit_code == 1 and "not found" in missing.stderr
+
+
+def test_the_catalog_is_read_again_exactly_when_agents_or_policies_change(cli: Cli, db: Database) -> None:
+    """The dashboard keeps the agents and policy scopes between refreshes; any change, by any path, must
+    show on the next one, and no change must cost no re-read."""
+    first = budget_admin.catalog(db)
+    assert budget_admin.catalog(db, first) is first  # nothing changed: the same objects
+
+    agent = _agent(cli, "catalog-bot")
+    second = budget_admin.catalog(db, first)
+    assert second is not first and uuid.UUID(agent) in {a.agent_id for a in second.agents}
+    assert budget_admin.catalog(db, second) is second
+
+    policy = _policy(cli, agent, "10")
+    third = budget_admin.catalog(db, second)
+    assert [s.limit.amount for s in third.scopes if str(s.policy_id) == policy] == [Decimal("10")]
+
+    cli.ok("policy", "update", "--policy-id", policy, "--limit", "25", "--change-reason", "more")
+    fourth = budget_admin.catalog(db, third)
+    assert [s.limit.amount for s in fourth.scopes if str(s.policy_id) == policy] == [Decimal("25")]
+
+    cli.ok("agent", "suspend", "--agent-id", agent, "--reason", "test")
+    fifth = budget_admin.catalog(db, fourth)
+    assert [a.status for a in fifth.agents if str(a.agent_id) == agent] != [
+        a.status for a in fourth.agents if str(a.agent_id) == agent
+    ]
+
+    with db.transaction() as conn:  # behind the toolkit's back, as a restore or a hand fix would
+        conn.execute("UPDATE agents SET description = 'edited by hand' WHERE agent_id = %s", (agent,))
+    sixth = budget_admin.catalog(db, fifth)
+    assert [a.description for a in sixth.agents if str(a.agent_id) == agent] == ["edited by hand"]
