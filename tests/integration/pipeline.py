@@ -21,13 +21,20 @@ import yaml
 from psycopg.rows import dict_row
 
 from caracald.bus.base import RecordProducer, event_headers
-from caracald.core.events import METERING_TOPIC, MeteringEvent, encode
+from caracald.core.events import AUDIT_TOPIC, METERING_TOPIC, MeteringEvent, encode
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
 
 ROOT = Path(__file__).resolve().parents[2]
 CARACALD = Path(sys.executable).parent / "caracald"
 BASE = datetime(2025, 3, 1, tzinfo=UTC)
+
+#: Consumer daemon -> (its consumer group, the topic it reads).
+CONSUMERS = {
+    "ledger-writer": ("ledger-writer-group", METERING_TOPIC),
+    "metrics-aggregator": ("metrics-aggregator-group", METERING_TOPIC),
+    "audit-logger": ("audit-logger-group", AUDIT_TOPIC),
+}
 
 
 def add_agents(url: str, count: int) -> list[uuid.UUID]:

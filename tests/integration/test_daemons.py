@@ -26,6 +26,7 @@ from tests.harness.ports import free_port
 from tests.harness.postgres import PostgresService
 from tests.harness.redis_server import RedisService
 from tests.integration.pipeline import (
+    CONSUMERS,
     add_agents,
     daemon,
     daemon_env,
@@ -41,12 +42,6 @@ from tests.integration.pipeline import (
 )
 
 pytestmark = pytest.mark.integration
-
-DAEMONS = {
-    "ledger-writer": ("ledger-writer-group", METERING_TOPIC),
-    "metrics-aggregator": ("metrics-aggregator-group", METERING_TOPIC),
-    "audit-logger": ("audit-logger-group", AUDIT_TOPIC),
-}
 
 
 def get(url: str) -> tuple[int, dict[str, Any] | str]:
@@ -114,11 +109,11 @@ def _audit_event(i: int) -> AuditEvent:
     )
 
 
-@pytest.mark.parametrize("name", list(DAEMONS))
+@pytest.mark.parametrize("name", list(CONSUMERS))
 def test_daemon_notifies_serves_health_and_stops_cleanly(
     name: str, tmp_path: Path, database_url: str, redis_service: RedisService, notify: NotifySocket
 ) -> None:
-    group, topic = DAEMONS[name]
+    group, topic = CONSUMERS[name]
     produce_everything(database_url)
     config = write_config(tmp_path / "caracal.yaml", database_url, redis={"url": redis_service.url})
     health, metrics = free_port(), free_port()

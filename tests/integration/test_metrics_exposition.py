@@ -33,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from caracald.bus import pg_log
 from caracald.bus.audit import AuditEmitter
 from caracald.core.audit import AuditEntry, AuditEvent, AuditEventType
-from caracald.core.events import AUDIT_TOPIC, METERING_TOPIC
+from caracald.core.events import AUDIT_TOPIC
 from tests.deploytools import metric_family, metric_references, rule_expressions
 from tests.e2e.fake_upstream import OPENAI_KEY
 from tests.e2e.gateway_harness import FakeUpstreamThread, make_agent, set_model_price
@@ -43,6 +43,7 @@ from tests.harness.postgres import PostgresService
 from tests.harness.redis_server import RedisService
 from tests.integration.conftest import Cli
 from tests.integration.pipeline import (
+    CONSUMERS,
     add_agents,
     event_log_committed,
     event_log_end,
@@ -57,12 +58,6 @@ from tests.integration.pipeline import (
 
 pytestmark = pytest.mark.integration
 
-#: Consumer daemon -> (its consumer group, the topic it reads).
-CONSUMERS = {
-    "ledger-writer": ("ledger-writer-group", METERING_TOPIC),
-    "metrics-aggregator": ("metrics-aggregator-group", METERING_TOPIC),
-    "audit-logger": ("audit-logger-group", AUDIT_TOPIC),
-}
 DAEMONS = ["gateway", *CONSUMERS]
 
 #: Metrics ``deploy/`` may query that no Caracal daemon exports, with what exports them. Keep it short:
