@@ -355,8 +355,12 @@ def _record(message: Message) -> Record:
 def _headers(raw: Any) -> list[tuple[str, bytes]]:
     if not raw:
         return []
-    if type(raw) is list and all(type(value) is bytes for _, value in raw):
-        return raw  # what librdkafka gives for headers with values: already (str, bytes) pairs
+    if type(raw) is list:
+        for _, value in raw:  # a plain loop: this runs for every record
+            if type(value) is not bytes:
+                break
+        else:
+            return raw  # what librdkafka gives for headers with values: already (str, bytes) pairs
     items = raw.items() if isinstance(raw, dict) else raw
     return [(str(name), _as_bytes(value)) for name, value in items]
 

@@ -4,9 +4,10 @@ One loop, on either bus (the same code reads Kafka or the embedded event log):
 
 1. poll a batch of records (group ``ledger-writer-group`` on ``caracal.metering.events``);
 2. decode each one; what cannot be decoded (not JSON, unknown schema version, bad fields) is a dead letter;
-3. in **one** PostgreSQL transaction: ``COPY`` the batch into a temporary table, ``INSERT ... SELECT ... ON
-   CONFLICT (idempotency_key) DO NOTHING`` into ``ledger_events``, and record the batch's dead letters in
-   ``dlq_events``;
+3. in **one** PostgreSQL transaction: ``COPY`` the batch straight into ``ledger_events`` (under a savepoint);
+   if some event is recorded already (a replay), undo that and ``COPY`` the batch into a temporary table, then
+   ``INSERT ... SELECT ... ON CONFLICT (idempotency_key) DO NOTHING`` into ``ledger_events``; and record the
+   batch's dead letters in ``dlq_events``;
 4. publish the dead letters to ``caracal.dlq`` and wait for the bus's acknowledgement;
 5. commit the offsets, only now.
 
@@ -29,9 +30,10 @@ Failures:
 * **SIGTERM** (:meth:`LedgerWriter.stop`): the batch in hand is finished and committed, then the loop ends. A
   stop during an outage abandons the batch uncommitted; it is read again on the next start.
 
-Decoding runs on a fast path for well-formed events (canonical UUIDs and so on) that builds the ``COPY`` line
-directly; anything it is unsure about goes through :func:`caracald.core.events.decode`, the reference, which
-also gives the error for a dead letter. The two agree on every event the fast path accepts (tested).
+Decoding runs on a fast path for well-formed events (canonical UUIDs and so on; parsed with ``orjson``) that
+builds the ``COPY`` line directly; anything it is unsure about goes through
+:func:`caracald.core.events.decode`, the reference, which also gives the error for a dead letter. The two
+agree on every event the fast path accepts (tested).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from enum import Enum
 from types import FrameType
 from typing import Any, Final
 
+import orjson
 import psycopg
 
 from caracald.bus.base import (
@@ -108,6 +111,8 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} (
 ) ON COMMIT DELETE ROWS
 """
 _COPY = f"COPY {_STAGING} ({', '.join(COLUMNS)}) FROM STDIN"
+_COPY_DIRECT = f"COPY ledger_events ({', '.join(COLUMNS)}) FROM STDIN"
+_IDEMPOTENCY_KEY = "ledger_events_idempotency_key_key"
 _INSERT = f"""
 INSERT INTO ledger_events ({", ".join(COLUMNS)})
 SELECT {", ".join(COLUMNS)} FROM {_STAGING}
@@ -155,7 +160,9 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
     Accepts only what :func:`caracald.core.events.decode` accepts, and yields the row its result would make.
     """
     try:
-        body = json.loads(payload)
+        # orjson: several times faster than json, and stricter (no NaN, 64-bit integers, UTF-8 only): what it
+        # refuses goes to the reference decoder, which decides. Both keep the last of duplicated keys.
+        body = orjson.loads(payload)
     except ValueError:
         return None
     if type(body) is not dict or body.get("schema_version") != SCHEMA_VERSION:
@@ -687,7 +694,7 @@ class LedgerWriter:
                     if isolate:
                         inserted, rejected = self._insert_isolating(conn, items, max(transient - 1, 0))
                     else:
-                        inserted, rejected = self._insert(conn, [line for _, _, line in items]), []
+                        inserted, rejected = self._insert_new(conn, [line for _, _, line in items]), []
                     dlq_store.insert(conn, [*letters, *rejected])
                 if not self.health.ready:
                     self._set_ready(True)
@@ -718,6 +725,26 @@ class LedgerWriter:
                     )
                 self._wait(self.backoff.delay(outages))
                 outages += 1
+
+    def _insert_new(self, conn: psycopg.Connection[Any], lines: list[bytes]) -> int:
+        """Insert a batch: ``COPY`` straight into ``ledger_events`` when none of its events is recorded yet
+        (the usual case, and about a quarter less work for PostgreSQL than staging them), else through the
+        staging table, which skips the recorded ones.
+
+        A recorded event (a replay, a duplicate) makes the direct ``COPY`` fail on the idempotency key: it is
+        undone whole (a savepoint) and the batch goes through the staging table instead. Any other error is
+        raised, as the staging insert would raise it.
+        """
+        if not lines:
+            return 0
+        try:
+            with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_DIRECT) as copy:
+                copy.write(b"".join(lines))
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name != _IDEMPOTENCY_KEY:
+                raise
+            return self._insert(conn, lines)
+        return len(lines)  # all of them, or the COPY failed
 
     def _insert(self, conn: psycopg.Connection[Any], lines: list[bytes], *, clear: bool = False) -> int:
         if not lines:
