@@ -2,6 +2,7 @@
 
     python bench/ledger_writer_bench.py                     # 200,000 events
     python bench/ledger_writer_bench.py --events 1000000    # the full run
+    python bench/ledger_writer_bench.py --no-seal           # the writer alone, without Merkle sealing
 
 Without ``--bootstrap-servers`` / ``--database-url`` (or ``CARACAL_KAFKA_BOOTSTRAP_SERVERS`` /
 ``CARACAL_DATABASE_URL``) it starts a throw-away Kafka broker and PostgreSQL with the test harness (the
@@ -9,6 +10,13 @@ harness's PostgreSQL runs with ``fsync=off``; batches of thousands of rows make 
 of the cost anyway). Each run uses a new topic, consumer group and database, so runs never see each other's
 data. Prints the producer's rate and the writer's: events applied per second, from its first poll to its last
 commit. The target is 20,000 events/s.
+
+Sealing is on, as ``caracald ledger-writer`` runs it: a signing key is made in a temporary folder and a
+:class:`~caracald.consumers.sealing.PeriodicSealer` seals due batches (``--seal-batch`` events, the
+``integrity.batch_size`` default) every ``--seal-interval`` seconds, on its own thread and connection, while
+the writer drains. After the drain the bench waits until every full batch is sealed and prints when that
+happened (from the writer's first poll) as well. The machine's 1-minute load average is sampled every second
+during the drain (mean and maximum printed): on a shared machine it says how much CPU the run competed for.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ import argparse
 import os
 import random
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,9 +43,12 @@ import psycopg  # noqa: E402
 from caracald.bus.base import Record, event_headers  # noqa: E402
 from caracald.bus.kafka import KafkaBatchConsumer, KafkaProducer, create_topics  # noqa: E402
 from caracald.consumers.ledger_writer import LedgerWriter  # noqa: E402
+from caracald.consumers.sealing import PeriodicSealer  # noqa: E402
 from caracald.core.events import MeteringEvent, encode  # noqa: E402
 from caracald.core.ledger import LedgerEventType  # noqa: E402
 from caracald.core.money import Money  # noqa: E402
+from caracald.integrity import keys  # noqa: E402
+from caracald.store.database import Database  # noqa: E402
 from caracald.store.migrate import migrate  # noqa: E402
 
 TARGET = 20_000
@@ -99,12 +112,77 @@ def ledger_count(url: str) -> int:
     return int(row[0]) if row else 0
 
 
+def unsealed_count(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM ledger_events WHERE seq IS NULL").fetchone()
+    return int(row[0]) if row else 0
+
+
+def postgres_cpu(url: str) -> float | None:
+    """CPU seconds the PostgreSQL server has used so far (its processes, and those that have exited), or None
+    when the server is not on this machine or its files are not readable (``data_directory`` needs a
+    superuser, as the harness's is)."""
+    try:
+        with psycopg.connect(url) as conn:
+            row = conn.execute("SHOW data_directory").fetchone()
+        pid = int((Path(str(row[0] if row else "")) / "postmaster.pid").read_text().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if entry.name == str(pid):  # utime, stime, and the reaped children's cutime, cstime
+                total += sum(int(f) for f in fields[11:15])
+            elif fields[1] == str(pid):  # a live child: utime, stime
+                total += int(fields[11]) + int(fields[12])
+        return total / ticks
+    except (psycopg.Error, OSError, ValueError, IndexError):
+        return None
+
+
+def own_cpu() -> float:
+    """CPU seconds this process (the writer, its sealer and their Kafka clients) has used so far."""
+    times = os.times()
+    return times.user + times.system
+
+
+class LoadSampler:
+    """The 1-minute load average, sampled every second on a thread until :meth:`stop`."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            if self._stop.wait(1.0):
+                return
+
+    def stop(self) -> str:
+        self._stop.set()
+        self._thread.join()
+        mean = sum(self.samples) / len(self.samples)
+        return f"mean {mean:.1f}, max {max(self.samples):.1f} on {os.cpu_count()} CPUs"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--agents", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=5000)
+    parser.add_argument(
+        "--seal", action=argparse.BooleanOptionalAction, default=True, help="Merkle sealing while draining"
+    )
+    parser.add_argument("--seal-batch", type=int, default=1000, help="events per Merkle batch")
+    parser.add_argument("--seal-interval", type=float, default=5.0, help="seconds between sealing rounds")
     parser.add_argument("--bootstrap-servers", default=os.environ.get("CARACAL_KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument(
         "--database-url",
@@ -182,20 +260,55 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
     )
     print(f"load average before draining: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
 
-    consumer = TimedConsumer(KafkaBatchConsumer(config, f"bench-{uuid.uuid4().hex[:8]}", [topic]))
-    writer = LedgerWriter(consumer, url, producer, dlq_topic=dlq_topic, batch_size=args.batch_size)
-    print("draining with one ledger writer ...", flush=True)
-    writer.run(idle_exit=3.0)
-    writer.close()
-    producer.close()
-    finished = writer.health.last_commit or time.time()
-    seconds = finished - (consumer.first_records_at or finished)
-    applied = ledger_count(url)
-    rate = applied / seconds if seconds > 0 else 0.0
-    print(f"ledger writer: {applied:,} events in {seconds:.1f} s = {rate:,.0f} events/s (target {TARGET:,})")
-    print(f"load average after: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    with tempfile.TemporaryDirectory(prefix="bench-keys-") as key_dir:
+        sealer = None
+        if args.seal:
+            with Database(url) as db:
+                keys.generate(db, Path(key_dir), actor="bench", at=datetime.now(UTC))
+            sealer = PeriodicSealer(
+                url, Path(key_dir), batch_size=args.seal_batch, interval=args.seal_interval
+            )
+        consumer = TimedConsumer(KafkaBatchConsumer(config, f"bench-{uuid.uuid4().hex[:8]}", [topic]))
+        writer = LedgerWriter(consumer, url, producer, dlq_topic=dlq_topic, batch_size=args.batch_size)
+        print(f"draining with one ledger writer{' and its sealer' if sealer else ''} ...", flush=True)
+        load = LoadSampler()
+        cpu_before = (own_cpu(), postgres_cpu(url))
+        if sealer is not None:
+            sealer.start()
+        writer.run(idle_exit=3.0)
+        writer.close()
+        producer.close()
+        finished = writer.health.last_commit or time.time()
+        started = consumer.first_records_at or finished
+        seconds = finished - started
+        applied = ledger_count(url)
+        rate = applied / seconds if seconds > 0 else 0.0
+        print(
+            f"ledger writer: {applied:,} events in {seconds:.1f} s = {rate:,.0f} events/s (target {TARGET:,})"
+        )
+        if sealer is not None:
+            while unsealed_count(url) >= args.seal_batch and sealer.last_error is None:
+                time.sleep(0.5)
+            sealed_at = time.time()
+            sealer.stop()
+            left = unsealed_count(url)
+            print(
+                f"sealed: {applied - left:,} events in batches of {args.seal_batch:,} "
+                f"{sealed_at - started:.1f} s after the first poll; {left:,} wait for their batch to fill"
+                + (f"; sealing failed: {sealer.last_error}" if sealer.last_error else "")
+            )
+        print(f"load average during the drain: {load.stop()}")
+        # What the work costs, whatever else the machine runs: CPU time per event, from the start of the drain
+        # to the end of sealing (the Kafka broker's share is not counted).
+        python_cpu, pg_cpu = own_cpu() - cpu_before[0], postgres_cpu(url)
+        per_event = f"writer process {python_cpu / max(applied, 1) * 1e6:.0f} us"
+        if pg_cpu is not None and cpu_before[1] is not None:
+            per_event += f", PostgreSQL {(pg_cpu - cpu_before[1]) / max(applied, 1) * 1e6:.0f} us"
+        print(f"CPU per event: {per_event}")
     if applied != args.events:
         print(f"expected {args.events:,} ledger rows, found {applied:,}", file=sys.stderr)
+        return 1
+    if sealer is not None and sealer.last_error is not None:
         return 1
     return 0
 
