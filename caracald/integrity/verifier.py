@@ -26,6 +26,7 @@ only a row that is not is decoded, and diagnosed with one more query once the st
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -209,22 +210,25 @@ def _spanned(problems: list[Problem], batch: Batch) -> list[Problem]:
 #: here, so never mistaken for other keys): verify-event reads the same few batches again and again.
 _OPENED: OrderedDict[tuple[str, tuple[VerifyingKey, ...]], Checkpoint | SignatureError] = OrderedDict()
 _OPENED_MAX: Final = 4096
+_OPENED_LOCK: Final = threading.Lock()
 
 
 def _open_note(note: str, keys: Sequence[VerifyingKey]) -> Checkpoint:
     """``open_checkpoint``, remembering the outcome: a note's signatures under given keys never change."""
     cache_key = (note, tuple(keys))
-    found = _OPENED.get(cache_key)
+    with _OPENED_LOCK:
+        found = _OPENED.get(cache_key)
+        if found is not None:
+            _OPENED.move_to_end(cache_key)
     if found is None:
         try:
             found = open_checkpoint(note, keys)
         except SignatureError as exc:
             found = exc
-        _OPENED[cache_key] = found
-        if len(_OPENED) > _OPENED_MAX:
-            _OPENED.popitem(last=False)
-    else:
-        _OPENED.move_to_end(cache_key)
+        with _OPENED_LOCK:
+            _OPENED[cache_key] = found
+            if len(_OPENED) > _OPENED_MAX:
+                _OPENED.popitem(last=False)
     if isinstance(found, SignatureError):
         raise SignatureError(found.message)
     return found
