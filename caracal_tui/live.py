@@ -3,6 +3,7 @@ through the ops toolkit, and changed through the same administrative use cases t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import threading
 import time
@@ -58,6 +59,7 @@ from caracal_tui.sources import (
 from caracald.core.agents import Agent
 from caracald.core.errors import CaracalError, ConflictError, ValidationError
 from caracald.core.money import Money
+from caracald.core.windows import WindowSpec
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -81,15 +83,20 @@ def _translated(method: Callable[P, R]) -> Callable[P, R]:
     return call
 
 
+@functools.lru_cache(maxsize=256)
+def _window_words(spec: WindowSpec) -> tuple[str, str]:
+    """How a window is shown, short and in full (a handful of distinct ones behind a thousand budgets)."""
+    return (str(spec.window) if not spec.is_rolling else f"rolling {spec.window}"), str(spec)
+
+
 def _budget(view: inventory.BudgetView, names: dict[uuid.UUID, str]) -> Budget:
-    spec = view.window
-    window = str(spec.window) if not spec.is_rolling else f"rolling {spec.window}"
+    window, detail = _window_words(view.window)
     return Budget(
         policy_id=view.policy_id,
         owner_id=view.agent_id,
-        owner_name=names.get(view.agent_id, str(view.agent_id)[:8]),
+        owner_name=names.get(view.agent_id) or str(view.agent_id)[:8],
         window=window,
-        window_detail=str(spec),
+        window_detail=detail,
         window_start=view.window_start,
         window_end=view.window_end,
         limit=view.limit,

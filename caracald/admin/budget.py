@@ -132,11 +132,21 @@ def all_ledger_status(
         totals = spend_store.policy_totals(
             conn, [(w, b.start, b.end) for w, b in bounds.items()], at - hold_ttl
         )
+    zeros: dict[str, Money] = {}  # most policies hold nothing: one zero per currency, not one each
+
+    def money(amount: Decimal, currency: str) -> Money:
+        if amount:
+            return Money(amount, currency)
+        found = zeros.get(currency)
+        if found is None:
+            found = zeros[currency] = Money.zero(currency)
+        return found
+
     statuses = []
     for scope in scopes:
         currency = scope.limit.currency
         # a policy created since it was read is not in the totals: nothing charged to it yet
         settled, held, holds = totals.get(scope.policy_id, (Decimal(0), Decimal(0), 0))
         window = bounds[scope.window]
-        statuses.append(ScopeStatus(scope, window, Money(settled, currency), Money(held, currency), holds))
+        statuses.append(ScopeStatus(scope, window, money(settled, currency), money(held, currency), holds))
     return statuses
