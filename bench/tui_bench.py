@@ -71,7 +71,7 @@ async def measure(make_source: Callable[[], DataSource], refreshes: int) -> dict
             before = len(app.timings)
             begun = time.perf_counter()
             app.refresh_now()  # what ``r`` and the timer call
-            while not any(t.key == "agents" for t in list(app.timings)[before:]):
+            while not any(t.key == "agents" for t in list(app.timings)[before:]):  # noqa: ASYNC110 - a list, no event
                 # Poll without running the app's message pump a thousand times a second: that busy loop
                 # holds the GIL against the worker thread the source runs in, which no operator's terminal
                 # does. 2 ms of resolution is plenty against a 100 ms target.

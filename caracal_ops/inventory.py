@@ -302,14 +302,7 @@ def deny_all(state: CliState) -> SwitchView | None:
 
 
 def _gateway_base(state: CliState, port: int) -> str:
-    gateway = state.config.gateway
-    host = gateway.host
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a listen address, turned into one to connect to
-        host = "127.0.0.1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    scheme = "https" if gateway.tls.cert_file else "http"
-    return f"{scheme}://{host}:{port}"
+    return state.config.gateway.local_url(port)
 
 
 def _fetch(url: str) -> tuple[int, bytes]:

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 from caracal_ops.platform.base import ComponentState, Platform
+from caracald.core.errors import CaracalError
 from caracald.core.events import AUDIT_TOPIC, METERING_TOPIC
 from caracald.runtime.config import CaracalConfig
 from caracald.store.database import Database
@@ -143,41 +144,68 @@ def check_gateways(
 ) -> list[Check]:
     urls = list(config.platform.gateway_urls)
     if not urls:
-        return [Check("gateway", SKIPPED, "no platform.gateway_urls configured")]
+        # No replicas listed: the gateway this configuration runs on this host (``caracald up`` or
+        # ``caracald gateway``), as the dashboard shows it.
+        return [_guard("gateway", lambda: _local_gateway(config, get))]
     checks = []
     for url in urls:
         name = f"gateway {url}"
 
         def one(url: str = url, name: str = name) -> Check:
-            code, body = (get or http_get_json)(url.rstrip("/") + "/health")
-            state = str(body.get("status", "unknown"))
-            deny = bool(body.get("deny_all"))
-            detail = f"HTTP {code}, {state}" + (", DENY-ALL ON" if deny else "")
-            if code >= 500 or state == "unavailable":
-                status = DOWN
-            elif state != "ok" or deny:
-                status = WARNING
-            else:
-                status = OK
-            return Check(name, status, detail, {"url": url, "health": state, "deny_all": deny})
+            return _gateway_check(name, url, (get or http_get_json)(url.rstrip("/") + "/health"))
 
         checks.append(_guard(name, one))
     return checks
 
 
-def check_daemons(platform: Platform) -> list[Check]:
+def _local_gateway(config: CaracalConfig, get: Callable[[str], tuple[int, dict[str, Any]]] | None) -> Check:
+    url = config.gateway.local_url()
+    try:
+        answer = (get or http_get_json)(url + "/health")
+    except (OSError, CaracalError) as exc:  # refused, unreachable, timed out
+        start = "caracald up" if config.embedded_mode else "caracald gateway"
+        return Check(
+            "gateway",
+            WARNING,
+            f"none answering at {url} ({_first_line(exc)}); start it with `{start}`, or list remote "
+            "replicas in platform.gateway_urls",
+            {"url": url},
+        )
+    return _gateway_check("gateway", url, answer)
+
+
+def _gateway_check(name: str, url: str, answer: tuple[int, dict[str, Any]]) -> Check:
+    code, body = answer
+    state = str(body.get("status", "unknown"))
+    deny = bool(body.get("deny_all"))
+    detail = f"HTTP {code}, {state}" + (", DENY-ALL ON" if deny else "")
+    if code >= 500 or state == "unavailable":
+        status = DOWN
+    elif state != "ok" or deny:
+        status = WARNING
+    else:
+        status = OK
+    return Check(name, status, detail, {"url": url, "health": state, "deny_all": deny})
+
+
+def check_daemons(platform: Platform, *, embedded: bool = False) -> list[Check]:
+    """Each daemon on the platform. On the embedded default ``caracald up`` runs the gateway and the
+    consumers in one process, so a daemon the platform did not start is no cause for a warning there."""
     checks = []
     for component in platform.components():
 
         def one(component: str = component) -> Check:
             found = platform.status(component)
+            detail = f"{found.state}" + (f" ({found.detail})" if found.detail else "")
             if found.state is ComponentState.RUNNING:
                 status = OK
             elif found.state is ComponentState.FAILED:
                 status = DOWN
+            elif embedded and found.state in (ComponentState.STOPPED, ComponentState.NOT_INSTALLED):
+                status = SKIPPED
+                detail += "; on the embedded default it runs inside `caracald up`"
             else:
                 status = WARNING
-            detail = f"{found.state}" + (f" ({found.detail})" if found.detail else "")
             return Check(
                 f"daemon {component}",
                 status,
@@ -306,7 +334,7 @@ def collect(
         except Exception as exc:
             checks.append(Check("platform", DOWN, _first_line(exc)))
         else:
-            checks += check_daemons(where)
+            checks += check_daemons(where, embedded=config.embedded_mode)
     if database_up or config.bus.kind == "kafka":
         checks += check_consumer_lag(config, db)
     if database_up:

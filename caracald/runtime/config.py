@@ -130,6 +130,17 @@ class GatewayConfig(_Section):
     cache_refresh_seconds: float = Field(default=5, gt=0)
     tls: TlsConfig = TlsConfig()
 
+    def local_url(self, port: int | None = None) -> str:
+        """Where a client on this host reaches this gateway (``port``: another of its ports, e.g. the
+        metrics port): its listen address, a wildcard one turned into loopback."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):  # noqa: S104 - a listen address, turned into one to connect to
+            host = "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        scheme = "https" if self.tls.cert_file else "http"
+        return f"{scheme}://{host}:{self.port if port is None else port}"
+
 
 class BudgetConfig(_Section):
     #: "local" (in process, embedded default) or "redis" (shared by every gateway replica).

@@ -9,6 +9,9 @@ from typing import Any
 
 import pytest
 
+from caracal_ops.platform import platform_for
+from caracal_ops.procedures import status
+from caracald.runtime.config import load_config
 from caracald.store.database import Database
 from tests.e2e.gateway_harness import GatewayHarness
 from tests.harness.ports import free_port
@@ -97,3 +100,37 @@ def test_a_component_down_exits_1(tmp_path: Path, database_url: str) -> None:
     assert found["redis"]["status"] == "down"
     assert found["postgresql"]["status"] == "ok"
     assert found["kafka"]["status"] == "skipped"
+
+
+def test_without_replica_urls_the_gateway_of_this_configuration_is_asked(
+    tmp_path: Path, database_url: str, gateway: GatewayHarness
+) -> None:
+    port = gateway.url.rsplit(":", 1)[1]
+    cli = _cli(tmp_path, database_url, ["gateway:", "  host: 127.0.0.1", f"  port: {port}"])
+    found = _by_name(cli.ok("status", "--format", "json").stdout)
+    assert found["gateway"]["status"] == "ok"
+    assert found["gateway"]["url"] == gateway.url and found["gateway"]["health"] == "ok"
+
+
+def test_no_gateway_running_here_is_a_warning_that_says_how_to_start_one(
+    tmp_path: Path, database_url: str
+) -> None:
+    port = free_port()
+    cli = _cli(tmp_path, database_url, ["gateway:", "  host: 0.0.0.0", f"  port: {port}"])
+    result = cli.ok("status", "--format", "json")  # a warning, not a failure: exit 0
+    found = _by_name(result.stdout)
+    assert found["gateway"]["status"] == "warning"
+    assert f"none answering at http://127.0.0.1:{port}" in found["gateway"]["detail"]
+    assert "caracald gateway" in found["gateway"]["detail"]
+
+
+def test_on_the_embedded_default_stopped_daemons_are_not_a_warning(tmp_path: Path) -> None:
+    """``caracald up`` runs the gateway and the consumers in one process: the local supervisor having
+    started none of them is how the embedded default runs, not a problem."""
+    config = load_config(None, overrides={("embedded", "data_dir"): tmp_path / "data"}, environ={})
+    assert config.embedded_mode
+    checks = {c.component: c for c in status.check_daemons(platform_for(config), embedded=True)}
+    assert checks and all(c.status == status.SKIPPED for c in checks.values())
+    assert "inside `caracald up`" in checks["daemon ledger-writer"].detail
+    distributed = {c.component: c for c in status.check_daemons(platform_for(config), embedded=False)}
+    assert distributed["daemon ledger-writer"].status == status.WARNING
