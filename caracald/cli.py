@@ -186,85 +186,48 @@ def _run_consumer(
     raise typer.Exit(code)
 
 
-@app.command("ledger-writer")
-def ledger_writer(
-    config: Path | None = CONFIG_OPTION,
-    health_port: int = HEALTH_PORT_OPTION,
-    metrics_port: int = METRICS_PORT_OPTION,
-    listen_host: str = LISTEN_HOST_OPTION,
-    batch_size: int | None = BATCH_SIZE_OPTION,
-    log_level: str = LOG_LEVEL_OPTION,
-    group: str | None = GROUP_OPTION,
-    topic: str | None = TOPIC_OPTION,
-    dlq_topic: str = DLQ_TOPIC_OPTION,
-) -> None:
-    """Metering events from the bus into the ledger, each exactly once (group ledger-writer-group)."""
-    _run_consumer(
-        "ledger-writer",
-        config,
-        health_port=health_port,
-        metrics_port=metrics_port,
-        listen_host=listen_host,
-        batch_size=batch_size,
-        log_level=log_level,
-        group=group,
-        topic=topic,
-        dlq_topic=dlq_topic,
-    )
+def _consumer_command(name: str, summary: str) -> None:
+    """Register ``caracald <name>``: the three consumer daemons take the same options."""
+
+    def command(
+        config: Path | None = CONFIG_OPTION,
+        health_port: int = HEALTH_PORT_OPTION,
+        metrics_port: int = METRICS_PORT_OPTION,
+        listen_host: str = LISTEN_HOST_OPTION,
+        batch_size: int | None = BATCH_SIZE_OPTION,
+        log_level: str = LOG_LEVEL_OPTION,
+        group: str | None = GROUP_OPTION,
+        topic: str | None = TOPIC_OPTION,
+        dlq_topic: str = DLQ_TOPIC_OPTION,
+    ) -> None:
+        _run_consumer(
+            name,
+            config,
+            health_port=health_port,
+            metrics_port=metrics_port,
+            listen_host=listen_host,
+            batch_size=batch_size,
+            log_level=log_level,
+            group=group,
+            topic=topic,
+            dlq_topic=dlq_topic,
+        )
+
+    command.__doc__ = summary
+    app.command(name)(command)
 
 
-@app.command("metrics-aggregator")
-def metrics_aggregator(
-    config: Path | None = CONFIG_OPTION,
-    health_port: int = HEALTH_PORT_OPTION,
-    metrics_port: int = METRICS_PORT_OPTION,
-    listen_host: str = LISTEN_HOST_OPTION,
-    batch_size: int | None = BATCH_SIZE_OPTION,
-    log_level: str = LOG_LEVEL_OPTION,
-    group: str | None = GROUP_OPTION,
-    topic: str | None = TOPIC_OPTION,
-    dlq_topic: str = DLQ_TOPIC_OPTION,
-) -> None:
-    """Spend aggregates per agent, model and hour/day in Redis, and Prometheus counters."""
-    _run_consumer(
-        "metrics-aggregator",
-        config,
-        health_port=health_port,
-        metrics_port=metrics_port,
-        listen_host=listen_host,
-        batch_size=batch_size,
-        log_level=log_level,
-        group=group,
-        topic=topic,
-        dlq_topic=dlq_topic,
-    )
-
-
-@app.command("audit-logger")
-def audit_logger(
-    config: Path | None = CONFIG_OPTION,
-    health_port: int = HEALTH_PORT_OPTION,
-    metrics_port: int = METRICS_PORT_OPTION,
-    listen_host: str = LISTEN_HOST_OPTION,
-    batch_size: int | None = BATCH_SIZE_OPTION,
-    log_level: str = LOG_LEVEL_OPTION,
-    group: str | None = GROUP_OPTION,
-    topic: str | None = TOPIC_OPTION,
-    dlq_topic: str = DLQ_TOPIC_OPTION,
-) -> None:
-    """Audit events from the bus into the hash-chained audit log, each once (group audit-logger-group)."""
-    _run_consumer(
-        "audit-logger",
-        config,
-        health_port=health_port,
-        metrics_port=metrics_port,
-        listen_host=listen_host,
-        batch_size=batch_size,
-        log_level=log_level,
-        group=group,
-        topic=topic,
-        dlq_topic=dlq_topic,
-    )
+_consumer_command(
+    "ledger-writer",
+    "Metering events from the bus into the ledger, each exactly once (group ledger-writer-group).",
+)
+_consumer_command(
+    "metrics-aggregator", "Spend aggregates per agent, model and hour/day in Redis, and Prometheus counters."
+)
+_consumer_command(
+    "audit-logger",
+    "Audit events from the bus into the hash-chained audit log, each once (group audit-logger-group).",
+)
 
 
 @app.command("version")

@@ -234,23 +234,35 @@ def plan_db_rotate_password(
     plan.add(
         "alter-role", f"ALTER ROLE {target_role} PASSWORD (a SCRAM-SHA-256 verifier)", alter, destructive=True
     )
+    _install_and_reload(plan, config, secret_file, install, reload if restart else None)
+    if not restart:
+        plan.note("--no-restart: restart the daemons yourself (caracal services restart)")
+    plan.note("open sessions keep working; new connections need the new password")
+    return DbRotation(plan, lambda: holder["url"])
+
+
+def _install_and_reload(
+    plan: Plan,
+    config: CaracalConfig,
+    secret_file: Path,
+    install: Callable[[StepContext], str],
+    reload: Callable[[StepContext], str] | None,
+) -> None:
+    """The last steps of a password rotation: the secret file replaced, then (unless not wanted) the daemons
+    restarted so they read it."""
     plan.add(
         "install",
         f"Replace {secret_file} with the new password (atomic rename, mode 0600)",
         install,
         destructive=True,
     )
-    if restart:
+    if reload is not None:
         plan.add(
             "reload",
             f"Restart the running daemons on the {config.platform.kind} platform so they use it",
             reload,
             destructive=True,
         )
-    else:
-        plan.note("--no-restart: restart the daemons yourself (caracal services restart)")
-    plan.note("open sessions keep working; new connections need the new password")
-    return DbRotation(plan, lambda: holder["url"])
 
 
 # -- Kafka ------------------------------------------------------------------------------------------------
@@ -353,18 +365,6 @@ def plan_kafka_rotate_credentials(
         alter,
         destructive=True,
     )
-    plan.add(
-        "install",
-        f"Replace {secret_file} with the new password (atomic rename, mode 0600)",
-        install,
-        destructive=True,
-    )
-    if restart:
-        plan.add(
-            "reload",
-            f"Restart the running daemons on the {config.platform.kind} platform so they use it",
-            reload,
-            destructive=True,
-        )
+    _install_and_reload(plan, config, secret_file, install, reload if restart else None)
     plan.note("connections already authenticated stay open; new ones need the new password")
     return plan

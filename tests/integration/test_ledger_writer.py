@@ -38,6 +38,7 @@ from caracald.core.events import METERING_TOPIC, MeteringEvent, encode
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
 from tests.harness.kafka import KafkaService
+from tests.integration.pipeline import Running
 
 pytestmark = pytest.mark.integration
 
@@ -149,37 +150,19 @@ def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "
         time.sleep(0.1)
 
 
-class Running:
-    """A writer running in a thread, stopped (gracefully) on exit."""
+def running(writer: LedgerWriter) -> Running:
+    """The writer on a thread, stopped gracefully on exit; its dead-letter producer closed with it."""
 
-    def __init__(self, writer: LedgerWriter) -> None:
-        self.writer = writer
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="ledger-writer-under-test")
+    def close() -> None:
+        writer.close()
+        writer.dlq_producer.close()
 
-    def _run(self) -> None:
-        try:
-            self.writer.run()
-        except BaseException as exc:
-            self.error = exc
-
-    def __enter__(self) -> LedgerWriter:
-        self.thread.start()
-        return self.writer
-
-    def __exit__(self, *exc: object) -> None:
-        self.writer.stop()
-        self.thread.join(60)
-        self.writer.close()
-        self.writer.dlq_producer.close()
-        assert not self.thread.is_alive()
-        if self.error is not None:
-            raise self.error
+    return Running(writer, close)
 
 
 def run_until_committed(setup: Setup, total: int, **options: Any) -> LedgerWriter:
     writer = kafka_writer(setup, **options)
-    with Running(writer):
+    with running(writer):
         wait_for(lambda: committed(setup) >= total, what=f"{total} records committed")
     return writer
 
@@ -261,7 +244,7 @@ def test_events_land_exactly_once_and_a_replay_changes_nothing(setup: Setup) -> 
     reset_offsets(setup.config, setup.group, setup.topic, 0)
     duplicates_before = metric("caracal_consumer_records_total", group=setup.group, outcome="duplicate")
     writer = kafka_writer(setup)
-    with Running(writer):
+    with running(writer):
         wait_for(
             lambda: (
                 metric("caracal_consumer_records_total", group=setup.group, outcome="duplicate")
@@ -373,7 +356,7 @@ def test_offsets_stay_uncommitted_while_the_database_fails_and_the_batch_is_retr
     with psycopg.connect(setup.url) as conn:
         conn.execute("ALTER TABLE ledger_events RENAME TO ledger_events_away")
     writer = kafka_writer(setup)
-    with Running(writer):
+    with running(writer):
         wait_for(
             lambda: "ledger_events" in (writer.health.last_error or "") and not writer.health.ready,
             what="the failing insert",
@@ -405,7 +388,7 @@ def test_terminated_database_connections_lose_and_duplicate_nothing(setup: Setup
                 ).fetchone()
                 kills += int(row[0]) if row else 0
 
-    with Running(writer):
+    with running(writer):
         thread = threading.Thread(target=killer)
         thread.start()
         try:
@@ -439,7 +422,7 @@ def test_an_idle_writer_reports_the_database_going_away_and_coming_back(
 ) -> None:
     name = setup.url.split("?")[0].rsplit("/", 1)[1]
     writer = kafka_writer(setup, dlq_stats_interval=0.2)
-    with Running(writer):
+    with running(writer):
         wait_for(lambda: writer.health.ready, what="readiness")
         with postgres_service.connect() as admin:
             admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
@@ -584,7 +567,7 @@ def test_the_same_writer_over_the_postgres_event_log_is_exactly_once(database_ur
             with psycopg.connect(database_url) as conn:
                 return pg_log.committed_offsets(conn, group).get((METERING_TOPIC, 0), 0) >= end
 
-        with Running(writer):
+        with running(writer):
             wait_for(done, what="the event log drained")
         return writer
 
