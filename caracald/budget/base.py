@@ -8,7 +8,7 @@ its settlement replaces it with the actual cost, or until it expires and is char
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -86,6 +86,10 @@ class ScopeStatus:
         return self.scope.limit - self.settled - self.held
 
 
+#: Called with the request ids of the holds an expiry sweep is about to charge.
+DueHook = Callable[[Sequence[uuid.UUID]], None]
+
+
 class BudgetBackend(Protocol):
     async def remaining(self, scopes: Sequence[Scope], at: datetime) -> Money | None:
         """The least any scope can still take (limit - settled - held), or None with no scopes."""
@@ -99,8 +103,16 @@ class BudgetBackend(Protocol):
         """Replace the hold by the actual cost. Idempotent; a late settlement yields a correction."""
         ...
 
-    async def expire_due(self, now: datetime, limit: int = 1000) -> list[ExpiredHold]:
-        """Charge every hold past its expiry at its reserved amount, and return them."""
+    async def expire_due(
+        self, now: datetime, limit: int = 1000, *, before: DueHook | None = None
+    ) -> list[ExpiredHold]:
+        """Charge every hold past its expiry at its reserved amount, and return them. ``before`` is called
+        with the request ids found due before any is charged (the gateway journals them there)."""
+        ...
+
+    async def expired(self, request_ids: Sequence[uuid.UUID]) -> list[ExpiredHold]:
+        """The holds among ``request_ids`` that expired (and were not settled late since): what an expiry
+        charged, for recording it again after a crash."""
         ...
 
     async def status(self, scopes: Sequence[Scope], at: datetime) -> list[ScopeStatus]: ...

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from caracald.budget.base import (
     Admission,
     AdmissionRequest,
+    DueHook,
     ExpiredHold,
     Scope,
     ScopeStatus,
@@ -27,6 +28,8 @@ from caracald.budget.base import (
 from caracald.core.budget import (
     DEFAULT_DECISION_TTL,
     BudgetBook,
+    HoldRecord,
+    HoldState,
     counter_ref,
     from_units,
     plan_checks,
@@ -104,18 +107,27 @@ class LocalBudget:
             replayed=outcome.replayed,
         )
 
-    async def expire_due(self, now: datetime, limit: int = 1000) -> list[ExpiredHold]:
+    async def expire_due(
+        self, now: datetime, limit: int = 1000, *, before: DueHook | None = None
+    ) -> list[ExpiredHold]:
         async with self._lock:
             records = self._book.expire_due(now, limit)
+        # In process, finding and charging are one step: the hook hears of them after (a crash loses both).
+        if before is not None and records:
+            before([record.request_id for record in records])
+        return [_expired_hold(record) for record in records]
+
+    async def expired(self, request_ids: Sequence[uuid.UUID]) -> list[ExpiredHold]:
+        async with self._lock:
+            records = [self._book.record(request_id) for request_id in request_ids]
         return [
-            ExpiredHold(
-                request_id=record.request_id,
-                agent_id=record.agent_id,
-                amount=from_units(record.amount, record.currency),
-                policy_ids=record.policy_ids,
-                reserved_at=record.at,
-            )
+            _expired_hold(record)
             for record in records
+            if record is not None
+            and (
+                record.state is HoldState.EXPIRED
+                or (record.state is HoldState.SETTLED and record.settled_from is HoldState.EXPIRED)
+            )
         ]
 
     async def status(self, scopes: Sequence[Scope], at: datetime) -> list[ScopeStatus]:
@@ -141,3 +153,13 @@ class LocalBudget:
 
     async def close(self) -> None:
         return None
+
+
+def _expired_hold(record: HoldRecord) -> ExpiredHold:
+    return ExpiredHold(
+        request_id=record.request_id,
+        agent_id=record.agent_id,
+        amount=from_units(record.amount, record.currency),
+        policy_ids=record.policy_ids,
+        reserved_at=record.at,
+    )

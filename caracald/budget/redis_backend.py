@@ -67,6 +67,7 @@ from caracald.budget.base import (
     Admission,
     AdmissionRequest,
     BudgetUnavailableError,
+    DueHook,
     ExpiredHold,
     Scope,
     ScopeStatus,
@@ -326,6 +327,18 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode()
     return "" if value is None else str(value)
+
+
+def _expired_hold(request_id: str, record: list[str]) -> ExpiredHold:
+    """An expired hold from its request record (the fields of ``_RECORD_FIELDS``)."""
+    _state, amount, currency, agent, at, _keys, policies = record
+    return ExpiredHold(
+        request_id=uuid.UUID(request_id),
+        agent_id=uuid.UUID(agent),
+        amount=from_units(int(amount), currency),
+        policy_ids=tuple(uuid.UUID(p) for p in policies.split()),
+        reserved_at=from_epoch_micros(int(at)),
+    )
 
 
 def _int(value: object) -> int:
@@ -640,12 +653,16 @@ class RedisBudget:
             raise BudgetUnavailableError(f"unexpected answer from the settlement script: {reply!r}")
         raise BudgetUnavailableError(f"the counters of request {request_id} changed while settling it")
 
-    async def expire_due(self, now: datetime, limit: int = 1000) -> list[ExpiredHold]:
+    async def expire_due(
+        self, now: datetime, limit: int = 1000, *, before: DueHook | None = None
+    ) -> list[ExpiredHold]:
         now_us = epoch_micros(now)
         due = await self._run(self._client.zrangebyscore(self.holds_key, "-inf", now_us, start=0, num=limit))
         ids = [_text(member) for member in due]
         if not ids:
             return []
+        if before is not None:
+            before([uuid.UUID(request_id) for request_id in ids])
         pipe = self._client.pipeline(transaction=False)
         for request_id in ids:
             pipe.hmget(f"{self._tag}:req:{request_id}", list(_RECORD_FIELDS))
@@ -661,17 +678,22 @@ class RedisBudget:
             if _text(reply[0]) != "expired":
                 continue
             self._settle_keys.pop(uuid.UUID(request_id), None)
-            _state, amount, currency, agent, at, _keys, policies = record
-            expired.append(
-                ExpiredHold(
-                    request_id=uuid.UUID(request_id),
-                    agent_id=uuid.UUID(agent),
-                    amount=from_units(int(amount), currency),
-                    policy_ids=tuple(uuid.UUID(p) for p in policies.split()),
-                    reserved_at=from_epoch_micros(int(at)),
-                )
-            )
+            expired.append(_expired_hold(request_id, record))
         return expired
+
+    async def expired(self, request_ids: Sequence[uuid.UUID]) -> list[ExpiredHold]:
+        if not request_ids:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hmget(self.request_key(request_id), [*_RECORD_FIELDS, "from"])
+        records = [[_text(v) for v in row] for row in await self._run(pipe.execute())]
+        # expired, or expired and then settled late (the expiry charged the hold: its event is still owed)
+        return [
+            _expired_hold(str(request_id), record[:-1])
+            for request_id, record in zip(request_ids, records, strict=True)
+            if record[0] == "expired" or (record[0] == "settled" and record[-1] == "expired")
+        ]
 
     async def status(self, scopes: Sequence[Scope], at: datetime) -> list[ScopeStatus]:
         refs = [counter_ref(scope.policy_id, scope.window, at) for scope in scopes]

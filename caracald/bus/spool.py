@@ -415,6 +415,11 @@ class SpoolingSink:
         """True while events go to the spool (the bus was unavailable, or the spool is not drained yet)."""
         return self._spooling
 
+    @property
+    def spooled_bytes(self) -> int:
+        """Bytes of events in the spool, waiting for the bus."""
+        return self.spool.pending_bytes
+
     async def emit(self, event: MeteringEvent) -> None:
         record = spooled(self.topic, encode(event), event.key, event_headers(event))
         if not self._spooling:

@@ -27,6 +27,7 @@ from caracald.budget.base import BudgetBackend
 from caracald.gateway.billing import Billing
 from caracald.gateway.cache import PolicyCache, SnapshotSource
 from caracald.gateway.health import HealthEndpoints
+from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.metrics import GatewayMetrics, MetricsServer
 from caracald.gateway.proxy import Gateway
 from caracald.gateway.sinks import EventSink
@@ -54,6 +55,8 @@ class GatewayDeps:
     metrics: GatewayMetrics | None = None
     #: Serve /metrics on ``config.metrics_port`` (host ``config.host``).
     serve_metrics: bool = True
+    #: The write-ahead journal of charges (None: a killed process can lose the events of charges under way).
+    journal: ChargeJournal | None = None
     #: Seconds between hold-expiry sweeps; None: a tenth of the hold TTL, at most 5.
     expiry_interval: float | None = None
     #: Seconds between deny-all polls (at most 1, so a switch reaches every replica within a second).
@@ -84,7 +87,12 @@ def create_app(deps: GatewayDeps) -> Starlette:
     )
     switch = DenyAllSwitch(deps.switches, poll_seconds=min(deps.switch_poll_seconds, 1.0))
     billing = Billing(
-        deps.budget, deps.sink, metrics, clock=deps.clock, hold_ttl=timedelta(seconds=config.hold_ttl_seconds)
+        deps.budget,
+        deps.sink,
+        metrics,
+        clock=deps.clock,
+        hold_ttl=timedelta(seconds=config.hold_ttl_seconds),
+        journal=deps.journal,
     )
     metrics.watch(
         degraded=lambda: 1.0 if cache.state == "degraded" else 0.0,
@@ -117,6 +125,7 @@ def create_app(deps: GatewayDeps) -> Starlette:
             state.metrics_server.start()
         await cache.refresh()
         await switch.poll()
+        await billing.recover()  # the charges a killed predecessor left unrecorded, before any new one
         interval = deps.expiry_interval or min(5.0, config.hold_ttl_seconds / 10)
         state.tasks = [
             asyncio.create_task(cache.run(), name="caracal-cache-refresh"),

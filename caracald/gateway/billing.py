@@ -23,19 +23,20 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from caracald.budget.base import AdmissionRequest, BudgetBackend, Scope
+from caracald.budget.base import AdmissionRequest, BudgetBackend, ExpiredHold, Scope, Settlement
 from caracald.core.agents import Agent
-from caracald.core.errors import CurrencyMismatchError
-from caracald.core.events import MeteringEvent
+from caracald.core.errors import ConflictError, CurrencyMismatchError, NotFoundError
+from caracald.core.events import MeteringEvent, decode, encode
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
 from caracald.core.pricebook import TokenUsage
 from caracald.gateway.errors import Denied
+from caracald.gateway.journal import ChargeJournal, Intent, Kind
 from caracald.gateway.metrics import GatewayMetrics
 from caracald.gateway.pricing import Priced
 from caracald.gateway.sinks import EventSink
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SETTLE_RETRIES = (0.05, 0.25, 1.0)
+#: A journalled charge still unresolved after this long is run again by the expiry loop (the live path
+#: resolves one within milliseconds, or gives up after its retries, well before).
+RECOVER_AFTER_SECONDS = 30.0
 
 
 @dataclass(slots=True)
@@ -73,8 +77,14 @@ class Billing:
         *,
         clock: Callable[[], datetime],
         hold_ttl: timedelta,
+        journal: ChargeJournal | None = None,
     ) -> None:
         self.budget = budget
+        self.journal = journal
+        #: Holds whose charge is under way right now (the recovery leaves them to it).
+        self._charging: set[uuid.UUID] = set()
+        #: Request ids the running expiry sweep journalled.
+        self._due: set[uuid.UUID] = set()
         self.sink = sink
         self.metrics = metrics
         self.clock = clock
@@ -176,30 +186,40 @@ class Billing:
             self.metrics.hold_exceeded.inc()
             log.warning("request %s cost %s, above its hold %s", hold.request_id, cost, hold.priced.hold)
         settled_at = self.clock()
-        settlement = None
-        for delay in (*_SETTLE_RETRIES, None):
-            try:
-                settlement = await self.budget.settle(hold.request_id, cost, settled_at)
-                break
-            except Exception as exc:
-                if delay is None:
-                    log.error(
-                        "settlement of %s failed; the hold will expire at its amount: %s",
-                        hold.request_id,
-                        exc,
-                    )
-                    self.metrics.settlement_failures.inc()
-                    return
-                await asyncio.sleep(delay)
-        assert settlement is not None
-        if settlement.replayed or not record:
-            return
-        details = {**hold.extra, **extra, "settled_at": settled_at.isoformat()}
-        if settlement.correction is not None:
-            event = self._event(hold, LedgerEventType.ADJUSTMENT, settlement.correction, usage, details)
-        else:
-            event = self._event(hold, LedgerEventType.SETTLEMENT, settlement.charged, usage, details)
-        await self._emit(event)
+        draft = None
+        if record:
+            details = {**hold.extra, **extra, "settled_at": settled_at.isoformat()}
+            draft = self._event(hold, LedgerEventType.SETTLEMENT, cost, usage, details)
+            if self.journal is not None:  # before the counters change: a crash from here on loses nothing
+                self.journal.intend("settle", hold.request_id, encode(draft).decode())
+        self._charging.add(hold.request_id)
+        try:
+            settlement = None
+            for delay in (*_SETTLE_RETRIES, None):
+                try:
+                    settlement = await self.budget.settle(hold.request_id, cost, settled_at)
+                    break
+                except Exception as exc:
+                    if delay is None:
+                        log.error(
+                            "settlement of %s failed; the hold will expire at its amount%s: %s",
+                            hold.request_id,
+                            " and the settlement will be retried" if self.journal is not None else "",
+                            exc,
+                        )
+                        self.metrics.settlement_failures.inc()
+                        return
+                    await asyncio.sleep(delay)
+            assert settlement is not None
+            if draft is None:
+                return
+            if settlement.replayed:  # settled before: its event was recorded then
+                self._resolve("settle", hold.request_id)
+                return
+            if await self._emit(settled_event(draft, settlement)):
+                self._resolve("settle", hold.request_id)
+        finally:
+            self._charging.discard(hold.request_id)
 
     # -- denials and expiry ---------------------------------------------------------------------------
 
@@ -218,28 +238,78 @@ class Billing:
 
     async def expire_once(self) -> int:
         now = self.clock()
-        expired = await self.budget.expire_due(now)
+        expired = await self.budget.expire_due(now, before=self._journal_due)
+        if self.journal is not None:  # found due but not expired (settled meanwhile): nothing is owed
+            for request_id in self._due - {item.request_id for item in expired}:
+                self.journal.resolve("expire", request_id)
+        self._due.clear()
         for item in expired:
             self.metrics.expired_holds.inc()
-            await self._emit(
-                MeteringEvent(
-                    kind=LedgerEventType.EXPIRY,
-                    request_id=item.request_id,
-                    agent_id=item.agent_id,
-                    occurred_at=item.reserved_at,
-                    cost=item.amount,
-                    hold=item.amount,
-                    policy_ids=item.policy_ids,
-                    extra={"expired_at": now.isoformat()},
-                )
-            )
+            if await self._emit(expiry_event(item, now)):
+                self._resolve("expire", item.request_id)
         return len(expired)
+
+    def _journal_due(self, request_ids: Sequence[uuid.UUID]) -> None:
+        if self.journal is not None:
+            for request_id in request_ids:
+                self.journal.intend("expire", request_id)
+            self._due.update(request_ids)
+
+    async def recover(self, older_than: float = 0.0) -> int:
+        """Run again the charges of the journal left unresolved ``older_than`` seconds or more (all of them at
+        start: a previous process died with them); the number resolved."""
+        if self.journal is None:
+            return 0
+        intents = [i for i in self.journal.pending(older_than) if i.request_id not in self._charging]
+        resolved = 0
+        for intent in intents:
+            if intent.kind == "settle" and await self._recover_settlement(intent):
+                resolved += 1
+        expiries = [i.request_id for i in intents if i.kind == "expire"]
+        if expiries:
+            try:
+                expired = {item.request_id: item for item in await self.budget.expired(expiries)}
+            except Exception as exc:
+                log.warning("cannot read the expired holds back yet: %s", exc)
+                return resolved
+            for request_id in expiries:
+                item = expired.get(request_id)
+                # not expired: still held (the next sweep finds it again) or settled in time (nothing owed)
+                if item is None or await self._emit(expiry_event(item, self.clock())):
+                    self._resolve("expire", request_id)
+                    resolved += 1
+        if resolved:
+            log.info("recovered %d journalled charge(s)", resolved)
+        return resolved
+
+    async def _recover_settlement(self, intent: Intent) -> bool:
+        draft = decode(intent.payload.encode())
+        settled_at = datetime.fromisoformat(str(draft.extra["settled_at"]))
+        try:
+            settlement = await self.budget.settle(draft.request_id, draft.cost, settled_at)
+        except NotFoundError:  # the backend forgot the hold (restarted empty): the ledger is the record
+            settlement = Settlement(draft.request_id, draft.cost)
+        except ConflictError:  # denied: nothing to settle
+            self._resolve("settle", draft.request_id)
+            return True
+        except Exception as exc:
+            log.warning("journalled settlement of %s not retried yet: %s", draft.request_id, exc)
+            return False
+        if await self._emit(settled_event(draft, settlement)):
+            self._resolve("settle", draft.request_id)
+            return True
+        return False
+
+    def _resolve(self, kind: Kind, request_id: uuid.UUID) -> None:
+        if self.journal is not None:
+            self.journal.resolve(kind, request_id)
 
     async def expire_loop(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
                 await self.expire_once()
+                await self.recover(older_than=RECOVER_AFTER_SECONDS)
             except Exception as exc:
                 log.warning("hold expiry failed: %s", exc)
 
@@ -261,17 +331,19 @@ class Billing:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=wait_seconds)
 
-    async def _emit(self, event: MeteringEvent) -> None:
+    async def _emit(self, event: MeteringEvent) -> bool:
+        """Deliver ``event``, retrying a little; whether it was delivered."""
         for delay in (*_SETTLE_RETRIES, None):
             try:
                 await self.sink.emit(event)
-                return
+                return True
             except Exception as exc:
                 if delay is None:
                     log.error("%s event %s not delivered: %s", event.kind, event.event_id, exc)
                     self.metrics.emit_failures.labels(str(event.kind)).inc()
-                    return
+                    return False
                 await asyncio.sleep(delay)
+        return False
 
     def _event(
         self,
@@ -301,3 +373,24 @@ class Billing:
             policy_ids=hold.policy_ids,
             extra=details,
         )
+
+
+def settled_event(draft: MeteringEvent, settlement: Settlement) -> MeteringEvent:
+    """The event that records ``settlement`` of the hold ``draft`` settles: the settlement itself, or the
+    adjustment that corrects an expiry which charged the hold first."""
+    if settlement.correction is not None:
+        return replace(draft, kind=LedgerEventType.ADJUSTMENT, cost=settlement.correction)
+    return draft if settlement.charged == draft.cost else replace(draft, cost=settlement.charged)
+
+
+def expiry_event(item: ExpiredHold, now: datetime) -> MeteringEvent:
+    return MeteringEvent(
+        kind=LedgerEventType.EXPIRY,
+        request_id=item.request_id,
+        agent_id=item.agent_id,
+        occurred_at=item.reserved_at,
+        cost=item.amount,
+        hold=item.amount,
+        policy_ids=item.policy_ids,
+        extra={"expired_at": now.isoformat()},
+    )

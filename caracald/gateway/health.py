@@ -91,5 +91,8 @@ class HealthEndpoints:
                 "budget_holds_in_flight": budget_holds,
                 "background_tasks": self.billing.background_tasks,
                 "spool_depth": spool_depth if isinstance(spool_depth, int) else None,
+                # events kept on local disk while the bus does not take them (None: this sink has no spool)
+                "spooling": getattr(self.sink, "spooling", None),
+                "spool_bytes": getattr(self.sink, "spooled_bytes", None),
             }
         )

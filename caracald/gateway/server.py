@@ -34,6 +34,7 @@ from caracald.core.budget import spend_slot
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
+from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.sinks import EventSink, LoopDelivery, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
@@ -55,6 +56,8 @@ REDIS_POOL_TIMEOUT_SECONDS = 10.0
 
 #: The subfolder of ``bus.spool_dir`` where the unbatched Kafka producer spools (see SplitSink).
 PROMPT_SPOOL = "prompt"
+#: The write-ahead journal of charges, in ``bus.spool_dir``.
+JOURNAL_FILE = "charges.journal"
 
 
 def ledger_totals(db: Database, now: datetime) -> dict[tuple[uuid.UUID, str], Money]:
@@ -176,12 +179,18 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
             redis_switch = RedisSwitch(config.redis.url.get_secret_value())
             stack.push_async_callback(redis_switch.close)
             switches.append(redis_switch)
+        journal = None
+        if config.bus.spool_dir is not None:
+            # Beside the spool, owned by this process like it: the charges a kill -9 must not lose.
+            journal = ChargeJournal(config.bus.spool_dir / JOURNAL_FILE)
+            stack.callback(journal.close)
         deps = GatewayDeps(
             config=config.gateway,
             snapshots=PostgresSnapshotSource(db),
             budget=budget,
             sink=sink,
             switches=switches,
+            journal=journal,
         )
         app = create_app(deps)
         app.state.gateway.metrics.watch_pools(db.pool_sizes)

@@ -106,6 +106,17 @@ class SplitSink:
         finally:
             self._in_flight -= 1
 
+    @property
+    def spooling(self) -> bool | None:
+        """Whether either part spools (None when neither can)."""
+        found = [getattr(sink, "spooling", None) for sink in (self.prompt, self.batched)]
+        return None if all(f is None for f in found) else any(bool(f) for f in found)
+
+    @property
+    def spooled_bytes(self) -> int | None:
+        found = [getattr(sink, "spooled_bytes", None) for sink in (self.prompt, self.batched)]
+        return None if all(f is None for f in found) else sum(f or 0 for f in found)
+
     async def start(self) -> None:
         for sink in (self.prompt, self.batched):
             start = getattr(sink, "start", None)

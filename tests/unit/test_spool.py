@@ -30,9 +30,10 @@ from caracald.bus.spool import (
     SpoolingSink,
     read_segment,
 )
-from caracald.core.events import METERING_TOPIC, MeteringEvent, decode
+from caracald.core.events import METERING_TOPIC, MeteringEvent, decode, encode
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
+from caracald.gateway.sinks import MemorySink, SplitSink
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -307,11 +308,15 @@ async def test_the_sink_spools_while_the_bus_is_down_and_drains_in_order(tmp_pat
         producer.down = True
         await asyncio.gather(*(sink.emit(event(n)) for n in range(1, 20)))  # durable, in the spool
         assert sink.spooling
+        assert sink.spooled_bytes > 19 * len(encode(event(1)))  # what /stats shows operators
+        split = SplitSink(MemorySink(), sink)  # a spool-less part does not count
+        assert (split.spooling, split.spooled_bytes) == (True, sink.spooled_bytes)
         assert request_numbers(producer.sent) == [0]
         producer.down = False
         await sink.emit(event(20))  # still spooled behind the others, to keep the order
         await asyncio.wait_for(sink.wait_drained(), 10)
         assert not sink.spooling
+        assert sink.spooled_bytes == 0
         await sink.emit(event(21))  # straight to the bus again
         assert request_numbers(producer.sent) == list(range(22))
         assert segment_files(tmp_path) == []
