@@ -329,6 +329,13 @@ def _text(value: object) -> str:
     return "" if value is None else str(value)
 
 
+# KEYS: 1 a lock; ARGV: 1 its owner. Deletes the lock only if that owner still holds it.
+UNLOCK_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
 def _expired_hold(request_id: str, record: list[str]) -> ExpiredHold:
     """An expired hold from its request record (the fields of ``_RECORD_FIELDS``)."""
     _state, amount, currency, agent, at, _keys, policies = record
@@ -727,6 +734,23 @@ class RedisBudget:
 
     async def holds_in_flight(self) -> int:
         return int(await self._run(self._client.zcard(self.holds_key)))
+
+    async def loaded(self) -> bool:
+        """Whether the counters hold data: ``rebuild`` ran since Redis last started empty."""
+        return bool(await self._run(self._client.exists(self.loaded_key)))
+
+    @property
+    def rebuild_lock_key(self) -> str:
+        return f"{self._tag}:rebuild-lock"
+
+    async def lock_rebuild(self, owner: str, seconds: float) -> bool:
+        """Take the lock that lets one process at a time rebuild the counters (it expires by itself)."""
+        taken = self._client.set(self.rebuild_lock_key, owner, nx=True, px=int(seconds * 1000))
+        return bool(await self._run(taken))
+
+    async def unlock_rebuild(self, owner: str) -> None:
+        """Release the rebuild lock if ``owner`` still holds it."""
+        await self._run(self._client.eval(UNLOCK_LUA, 1, self.rebuild_lock_key, owner))
 
     async def rebuild(self, totals: Mapping[tuple[uuid.UUID, str], Money]) -> None:
         """Set counters' settled spend from ledger totals per ``(policy_id, spend_slot)``, then mark

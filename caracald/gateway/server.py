@@ -34,6 +34,7 @@ from caracald.core.budget import spend_slot
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
+from caracald.gateway.counters import CounterGuard
 from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.sinks import EventSink, LoopDelivery, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
@@ -88,8 +89,16 @@ async def make_budget(config: CaracalConfig, db: Database, stack: AsyncExitStack
             config.redis.url.get_secret_value(),
             max_connections=REDIS_CONNECTIONS,
             pool_timeout=REDIS_POOL_TIMEOUT_SECONDS,
+            require_loaded=True,  # empty counters (Redis lost its data) must refuse, not admit anything
         )
         stack.push_async_callback(redis_budget.close)
+        guard = CounterGuard(redis_budget, db)
+        try:
+            await guard.ensure_loaded()
+        except Exception as exc:  # admission fails closed until the guard manages it
+            log.warning("budget counters not checked at start: %s", exc)
+        watching = asyncio.create_task(guard.run(), name="caracal-budget-counters")
+        stack.callback(watching.cancel)
         return redis_budget
     from caracald.budget.local_backend import LocalBudget
 

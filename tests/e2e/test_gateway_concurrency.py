@@ -35,6 +35,7 @@ import aiohttp
 import httpx2 as httpx
 import psycopg
 import pytest
+import redis
 import yaml
 from psycopg.rows import dict_row
 
@@ -77,6 +78,7 @@ class Stack:
     database_url: str
     cli: Cli
     redis_cli: Cli
+    redis_url: str
     upstream: FakeUpstreamThread
     gateways: list[Gateway] = field(default_factory=list)
 
@@ -162,7 +164,7 @@ def stack(
     workdir = tmp_path_factory.mktemp("concurrency")
     try:
         with FakeUpstreamThread() as upstream:
-            built = Stack(database_url, cli, redis_cli, upstream)
+            built = Stack(database_url, cli, redis_cli, redis_service.url, upstream)
             config = _write_config(workdir, database_url, redis_service.url, upstream.url)
             writer_argv = ["ledger-writer", "--config", str(config), "--listen-host", LOOPBACK]
             writer_argv += ["--health-port", str(free_port()), "--metrics-port", str(free_port())]
@@ -411,3 +413,37 @@ def test_a_parent_and_its_child_share_the_parent_budget(stack: Stack) -> None:
     both = {parent.agent_id, child.agent_id}
     _check_counters(stack, child, rows, {child.agent_id: {child.agent_id}, parent.agent_id: both})
     _check_counters(stack, parent, rows, {parent.agent_id: both})
+
+
+def test_counters_redis_lost_are_rebuilt_from_the_ledger_before_anything_more_is_admitted(
+    stack: Stack,
+) -> None:
+    agent = make_agent(stack.cli, "crowd-amnesia", limit=str(LIMIT))
+    _await_cache(stack)
+    affordable = int(LIMIT / FLAT)
+    spent_before = affordable * 3 // 5
+    first = asyncio.run(_fire(stack, _flat_calls(agent, spent_before)))
+    assert {r.status for r in first} == {200}
+    _settled_ledger(stack, first)
+
+    # Redis loses all of Caracal's keys (restarted without its data): counters, holds, the loaded marker.
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        client.delete(*client.scan_iter("{caracal}:*", count=1000))
+    finally:
+        client.close()
+
+    # Empty counters would admit the whole budget again: the gateways refuse until one of them has rebuilt
+    # the counters from the ledger, and then admit exactly what is left.
+    deadline = time.monotonic() + 60
+    while True:
+        (probe,) = asyncio.run(_fire(stack, _flat_calls(agent, 1)))
+        if probe.status == 200:
+            break
+        assert (probe.status, probe.deny_reason) == (503, "budget_unavailable"), probe
+        assert time.monotonic() < deadline, "the counters were not rebuilt"
+        time.sleep(0.2)
+    replies = asyncio.run(_fire(stack, _flat_calls(agent, affordable)))
+    admitted = sum(r.status == 200 for r in replies)
+    assert admitted == affordable - spent_before - 1, Counter((r.status, r.deny_reason) for r in replies)
+    assert {r.deny_reason for r in replies if r.status != 200} == {"budget_exhausted"}
