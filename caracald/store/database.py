@@ -52,6 +52,9 @@ class Database:
             open=False,
             timeout=connect_timeout,
             name="primary",
+            # A connection the server ended (it restarted, failed over) is replaced when it is taken, not
+            # handed out to fail the caller's first query after an outage.
+            check=ConnectionPool.check_connection,
         )
         self._replica: ConnectionPool[Connection] | None = None
         if read_replica_url:
@@ -63,6 +66,7 @@ class Database:
                 open=False,
                 timeout=connect_timeout,
                 name="replica",
+                check=ConnectionPool.check_connection,
             )
 
     def open(self) -> Database:
