@@ -55,14 +55,22 @@ async def one_pair(backend: BudgetBackend, chosen: tuple[Scope, ...]) -> tuple[f
     return admitted - start, time.perf_counter() - start
 
 
-async def sequential(backend: BudgetBackend, chosen: tuple[Scope, ...], n: int) -> None:
-    for _ in range(200):  # warm up: connections, script cache
+async def samples(
+    backend: BudgetBackend, chosen: tuple[Scope, ...], n: int, warmup: int = 200
+) -> tuple[list[float], list[float]]:
+    """``n`` admit+settle pairs one after the other: the admissions' and the pairs' latencies, in us."""
+    for _ in range(warmup):  # warm up: connections, script cache
         await one_pair(backend, chosen)
     admits, pairs = [], []
     for _ in range(n):
         a, p = await one_pair(backend, chosen)
         admits.append(a * 1e6)
         pairs.append(p * 1e6)
+    return admits, pairs
+
+
+async def sequential(backend: BudgetBackend, chosen: tuple[Scope, ...], n: int) -> None:
+    admits, pairs = await samples(backend, chosen, n)
     print(
         f"  concurrency 1, {n} pairs: admit p50 {statistics.median(admits):7.0f} us"
         f"  p99 {pct(admits, 0.99):7.0f} us"

@@ -49,6 +49,11 @@ import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from tests.harness.kafka import KafkaService
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -111,6 +116,10 @@ class Target:
     wrk_p99: list[float] = field(default_factory=list)
     errors: int = 0
 
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 80
+
 
 def free_port() -> int:
     from tests.harness.ports import free_port as pick
@@ -170,7 +179,6 @@ class Services:
 
 
 def start_services(args: argparse.Namespace) -> Services:
-    from caracald.core.events import METERING_TOPIC
     from caracald.store.migrate import migrate
 
     if args.postgres_uri:
@@ -204,12 +212,19 @@ def start_services(args: argparse.Namespace) -> Services:
     name = f"caracal_bench_{uuid.uuid4().hex[:8]}"
     database_url = postgres.create_database(name)
     migrate(database_url)
+    create_metering_topic(kafka)
+    return Services(database_url, redis_url, kafka.bootstrap_servers)
+
+
+def create_metering_topic(kafka: KafkaService) -> None:
+    """The topic the gateway produces to, unless it is there already."""
+    from caracald.core.events import METERING_TOPIC
+
     try:
         kafka.create_topic(METERING_TOPIC, 12)
     except Exception as exc:  # already there (an external broker used before)
         if "TOPIC_ALREADY_EXISTS" not in str(exc):
             raise
-    return Services(database_url, redis_url, kafka.bootstrap_servers)
 
 
 def make_agent(database_url: str) -> str:
@@ -268,6 +283,72 @@ def gateway_config(
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def make_targets(api_key: str, *, before: bool = False) -> list[Target]:
+    """direct, passthrough and caracal (and before), each on a free port; not started yet."""
+    from tests.e2e.fake_upstream import OPENAI_KEY
+
+    targets = [
+        Target("direct", f"http://127.0.0.1:{free_port()}/v1/chat/completions", OPENAI_KEY),
+        Target("passthrough", f"http://127.0.0.1:{free_port()}/v1/chat/completions", OPENAI_KEY),
+        Target("caracal", f"http://127.0.0.1:{free_port()}/openai/v1/chat/completions", api_key),
+    ]
+    if before:
+        url = f"http://127.0.0.1:{free_port()}/openai/v1/chat/completions"
+        targets.append(Target("before", url, api_key))
+    return targets
+
+
+def launch(targets: list[Target], workdir: Path, services: Services, *, before: Path | None = None) -> None:
+    """Start every target's server (``target.proc``) and wait until each answers; the caller stops them
+    (:func:`stop` on each ``target.proc``), also when this fails half-way."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARACAL")}
+    uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    direct = targets[0]
+    upstream_log = workdir / "upstream.log"
+    direct.proc = spawn([sys.executable, __file__, "--serve-upstream", str(direct.port)], upstream_log, env)
+    wait_http(f"http://127.0.0.1:{direct.port}/health", direct.proc, upstream_log)
+    passthrough = targets[1]
+    pass_log = workdir / "passthrough.log"
+    passthrough.proc = spawn(
+        [
+            str(BIN / "uvicorn"),
+            "bench.passthrough:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(passthrough.port),
+            *uvicorn_flags,
+        ],
+        pass_log,
+        {**env, "PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{direct.port}"},
+    )
+    wait_http(f"http://127.0.0.1:{passthrough.port}/health", passthrough.proc, pass_log)
+    caracal = targets[2]
+    config = gateway_config(workdir, services, caracal.port, direct.port)
+    gateway_log = workdir / "gateway.log"
+    caracal.proc = spawn([str(BIN / "caracald"), "gateway", "--config", str(config)], gateway_log, env)
+    wait_http(f"http://127.0.0.1:{caracal.port}/health", caracal.proc, gateway_log)
+    if before is not None:
+        # The same deployment, run from another source tree (an older version of the gateway).
+        older = targets[3]
+        before_config = gateway_config(workdir, services, older.port, direct.port, "before")
+        before_log = workdir / "before.log"
+        older.proc = spawn(
+            [
+                sys.executable,
+                "-c",
+                "from caracald.cli import run; run()",
+                "gateway",
+                "--config",
+                str(before_config),
+            ],
+            before_log,
+            {**env, "PYTHONPATH": str(before)},
+            cwd=before,
+        )
+        wait_http(f"http://127.0.0.1:{older.port}/health", older.proc, before_log)
 
 
 # -- measuring ---------------------------------------------------------------------------------------------
@@ -450,68 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="caracal-bench-"))
     services = start_services(args)
     api_key = make_agent(services.database_url)
-    ports = {"direct": free_port(), "passthrough": free_port(), "caracal": free_port(), "before": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARACAL")}
-    uvicorn_flags = ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
-    from tests.e2e.fake_upstream import OPENAI_KEY
-
-    targets = [
-        Target("direct", f"http://127.0.0.1:{ports['direct']}/v1/chat/completions", OPENAI_KEY),
-        Target("passthrough", f"http://127.0.0.1:{ports['passthrough']}/v1/chat/completions", OPENAI_KEY),
-        Target("caracal", f"http://127.0.0.1:{ports['caracal']}/openai/v1/chat/completions", api_key),
-    ]
-    if args.before:
-        targets.append(
-            Target("before", f"http://127.0.0.1:{ports['before']}/openai/v1/chat/completions", api_key)
-        )
-    procs: list[subprocess.Popen[bytes]] = []
+    targets = make_targets(api_key, before=args.before is not None)
     try:
-        upstream_log = workdir / "upstream.log"
-        targets[0].proc = spawn(
-            [sys.executable, __file__, "--serve-upstream", str(ports["direct"])], upstream_log, env
-        )
-        procs.append(targets[0].proc)
-        wait_http(f"http://127.0.0.1:{ports['direct']}/health", targets[0].proc, upstream_log)
-        pass_log = workdir / "passthrough.log"
-        targets[1].proc = spawn(
-            [
-                str(BIN / "uvicorn"),
-                "bench.passthrough:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(ports["passthrough"]),
-                *uvicorn_flags,
-            ],
-            pass_log,
-            {**env, "PASSTHROUGH_UPSTREAM": f"http://127.0.0.1:{ports['direct']}"},
-        )
-        procs.append(targets[1].proc)
-        wait_http(f"http://127.0.0.1:{ports['passthrough']}/health", targets[1].proc, pass_log)
-        config = gateway_config(workdir, services, ports["caracal"], ports["direct"])
-        gateway_log = workdir / "gateway.log"
-        targets[2].proc = spawn([str(BIN / "caracald"), "gateway", "--config", str(config)], gateway_log, env)
-        procs.append(targets[2].proc)
-        wait_http(f"http://127.0.0.1:{ports['caracal']}/health", targets[2].proc, gateway_log)
-        if args.before:
-            # The same deployment, run from another source tree (an older version of the gateway).
-            before = gateway_config(workdir, services, ports["before"], ports["direct"], "before")
-            before_log = workdir / "before.log"
-            targets[3].proc = spawn(
-                [
-                    sys.executable,
-                    "-c",
-                    "from caracald.cli import run; run()",
-                    "gateway",
-                    "--config",
-                    str(before),
-                ],
-                before_log,
-                {**env, "PYTHONPATH": str(args.before)},
-                cwd=args.before,
-            )
-            procs.append(targets[3].proc)
-            wait_http(f"http://127.0.0.1:{ports['before']}/health", targets[3].proc, before_log)
+        launch(targets, workdir, services, before=args.before)
         print(f"servers up (work folder {workdir}); measuring ...", flush=True)
         load_before = os.getloadavg()
 
@@ -540,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"round {round_no} {target.name}: {rps:.0f} req/s, p99 {p99:.2f} ms, {bad} errors",
                     flush=True,
                 )
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['caracal']}/stats", timeout=5) as reply:
+        with urllib.request.urlopen(f"http://127.0.0.1:{targets[2].port}/stats", timeout=5) as reply:
             stats = json.loads(reply.read())
         ok = report(targets, args)
         load_after = os.getloadavg()
@@ -554,8 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spool bytes at the end: {spooled} (0: every event was acknowledged by Kafka)")
         return 0 if ok else 1
     finally:
-        for proc in reversed(procs):
-            stop(proc)
+        for target in reversed(targets):
+            stop(target.proc)
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
         from tests.harness import stop_all

@@ -89,11 +89,13 @@ class TimedConsumer:
         self.consumer = consumer
         self.group = consumer.group
         self.first_records_at: float | None = None
+        self.records = 0  # records polled (a replay reads records that add no row)
 
     def poll_batch(self, max_records: int, timeout: float) -> list[Record]:
         records = self.consumer.poll_batch(max_records, timeout)
         if records and self.first_records_at is None:
             self.first_records_at = time.time()
+        self.records += len(records)
         return records
 
     def commit(self, records: Sequence[Record]) -> None:
@@ -221,9 +223,9 @@ def main() -> int:
             stop()
 
 
-def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
-    migrate(url)
-    agents = [uuid.uuid4() for _ in range(args.agents)]
+def add_agents(url: str, count: int) -> list[uuid.UUID]:
+    """``count`` active agents, the events' owners (the ledger's foreign key)."""
+    agents = [uuid.uuid4() for _ in range(count)]
     now = datetime.now(UTC)
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         cur.executemany(
@@ -231,6 +233,72 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
             "VALUES (%s, %s, 'bench@example.com', 'active', %s, %s)",
             [(a, f"bench-agent-{i}", now, now) for i, a in enumerate(agents)],
         )
+    return agents
+
+
+def bench_producer(config: dict[str, str]) -> KafkaProducer:
+    return KafkaProducer({**config, "linger.ms": 20, "batch.size": 1_000_000}, delivery_timeout=300)
+
+
+def produce(
+    producer: KafkaProducer,
+    topic: str,
+    count: int,
+    agents: list[uuid.UUID],
+    payloads: list[bytes] | None = None,
+) -> tuple[float, int]:
+    """Send ``count`` events and wait for them: (seconds spent sending and flushing, records not
+    acknowledged). The encoded events are appended to ``payloads`` when given."""
+    seconds = 0.0
+    for chunk in range(0, count, 50_000):  # in chunks: a million events need not sit in memory
+        encoded = [
+            (e.key, encode(e), event_headers(e)) for e in make_events(min(50_000, count - chunk), agents)
+        ]
+        if payloads is not None:
+            payloads.extend(value for _, value, _ in encoded)
+        started = time.perf_counter()
+        for key, value, headers in encoded:
+            producer.send(topic, value, key=key, headers=headers)
+        seconds += time.perf_counter() - started
+    started = time.perf_counter()
+    left = producer.flush(300)
+    seconds += time.perf_counter() - started
+    return seconds, left
+
+
+def make_sealer(url: str, key_dir: Path, seal_batch: int, seal_interval: float) -> PeriodicSealer:
+    """A sealer as ``caracald ledger-writer`` runs it, with a new signing key in ``key_dir`` (not started)."""
+    with Database(url) as db:
+        keys.generate(db, key_dir, actor="bench", at=datetime.now(UTC))
+    return PeriodicSealer(url, key_dir, batch_size=seal_batch, interval=seal_interval)
+
+
+def drain(
+    consumer: TimedConsumer,
+    url: str,
+    dlq_producer: KafkaProducer,
+    dlq_topic: str,
+    batch_size: int,
+    idle_exit: float = 3.0,
+) -> tuple[float, float]:
+    """One ledger writer drains the consumer's topic: (wall time of its first records, of its last commit)."""
+    writer = LedgerWriter(consumer, url, dlq_producer, dlq_topic=dlq_topic, batch_size=batch_size)
+    writer.run(idle_exit=idle_exit)
+    writer.close()
+    finished = writer.health.last_commit or time.time()
+    return consumer.first_records_at or finished, finished
+
+
+def wait_sealed(url: str, sealer: PeriodicSealer, seal_batch: int) -> float:
+    """Wait until every full batch is sealed (or sealing failed); the wall time then."""
+    while unsealed_count(url) >= seal_batch and sealer.last_error is None:
+        time.sleep(0.5)
+    return time.time()
+
+
+def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
+    migrate(url)
+    agents = add_agents(url, args.agents)
     config = {"bootstrap.servers": bootstrap}
     topic = f"bench.metering.{uuid.uuid4().hex[:8]}"
     dlq_topic = f"bench.dlq.{uuid.uuid4().hex[:8]}"
@@ -238,20 +306,8 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
     create_topics(config, [dlq_topic], partitions=1, replication_factor=1, retention_ms=None)
 
     print(f"producing {args.events:,} events ...", flush=True)
-    producer = KafkaProducer({**config, "linger.ms": 20, "batch.size": 1_000_000}, delivery_timeout=300)
-    produce_seconds = 0.0
-    for chunk in range(0, args.events, 50_000):  # in chunks: a million events need not sit in memory
-        payloads = [
-            (e.key, encode(e), event_headers(e))
-            for e in make_events(min(50_000, args.events - chunk), agents)
-        ]
-        started = time.perf_counter()
-        for key, value, headers in payloads:
-            producer.send(topic, value, key=key, headers=headers)
-        produce_seconds += time.perf_counter() - started
-    started = time.perf_counter()
-    left = producer.flush(300)
-    produce_seconds += time.perf_counter() - started
+    producer = bench_producer(config)
+    produce_seconds, left = produce(producer, topic, args.events, agents)
     if left:
         print(f"{left} events not acknowledged", file=sys.stderr)
         return 1
@@ -263,23 +319,15 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-keys-") as key_dir:
         sealer = None
         if args.seal:
-            with Database(url) as db:
-                keys.generate(db, Path(key_dir), actor="bench", at=datetime.now(UTC))
-            sealer = PeriodicSealer(
-                url, Path(key_dir), batch_size=args.seal_batch, interval=args.seal_interval
-            )
+            sealer = make_sealer(url, Path(key_dir), args.seal_batch, args.seal_interval)
         consumer = TimedConsumer(KafkaBatchConsumer(config, f"bench-{uuid.uuid4().hex[:8]}", [topic]))
-        writer = LedgerWriter(consumer, url, producer, dlq_topic=dlq_topic, batch_size=args.batch_size)
         print(f"draining with one ledger writer{' and its sealer' if sealer else ''} ...", flush=True)
         load = LoadSampler()
         cpu_before = (own_cpu(), postgres_cpu(url))
         if sealer is not None:
             sealer.start()
-        writer.run(idle_exit=3.0)
-        writer.close()
+        started, finished = drain(consumer, url, producer, dlq_topic, args.batch_size)
         producer.close()
-        finished = writer.health.last_commit or time.time()
-        started = consumer.first_records_at or finished
         seconds = finished - started
         applied = ledger_count(url)
         rate = applied / seconds if seconds > 0 else 0.0
@@ -287,9 +335,7 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
             f"ledger writer: {applied:,} events in {seconds:.1f} s = {rate:,.0f} events/s (target {TARGET:,})"
         )
         if sealer is not None:
-            while unsealed_count(url) >= args.seal_batch and sealer.last_error is None:
-                time.sleep(0.5)
-            sealed_at = time.time()
+            sealed_at = wait_sealed(url, sealer, args.seal_batch)
             sealer.stop()
             left = unsealed_count(url)
             print(

@@ -36,7 +36,7 @@ if str(ROOT) not in sys.path:
 
 import psycopg  # noqa: E402
 
-from caracald.core.signing import VerifyingKey, generate_key  # noqa: E402
+from caracald.core.signing import KeyAlgorithm, VerifyingKey, generate_key  # noqa: E402
 from caracald.integrity import keys, sealer, verifier  # noqa: E402
 from caracald.store.migrate import migrate  # noqa: E402
 
@@ -132,22 +132,9 @@ def main(argv: list[str] | None = None) -> int:
                 conn.rollback()
             else:
                 trusted = _load_and_seal(conn, args)
-            backend = conn.info.backend_pid
 
             print(f"load average before verify-range: {_load()}")
-            best: tuple[float, float, float | None] | None = None
-            for _ in range(2):
-                client0, server0 = time.process_time(), _backend_cpu(backend)
-                report = verifier.verify_all(conn, trusted)
-                client, server = time.process_time() - client0, _backend_cpu(backend)
-                conn.rollback()
-                assert report.ok, report.first_problem
-                server_cpu = server - server0 if server is not None and server0 is not None else None
-                if best is None or report.seconds < best[0]:
-                    best = (report.seconds, client, server_cpu)
-            assert best is not None
-            wall, client, server_cpu = best
-            events = report.events_checked
+            wall, client, server_cpu, events = verify_range(conn, trusted)
             rate = events / wall
             verdict = "meets" if rate >= VERIFY_TARGET else "misses"
             print(
@@ -173,8 +160,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _verify_events(url: str, trusted: list[VerifyingKey], sample: list[int]) -> None:
-    print(f"load average before verify-event: {_load()}")
+def verify_range(
+    conn: psycopg.Connection[tuple[object, ...]], trusted: list[VerifyingKey], runs: int = 2
+) -> tuple[float, float, float | None, int]:
+    """``verify_all`` over the whole ledger, best of ``runs``: (wall seconds, verifier CPU seconds,
+    PostgreSQL backend CPU seconds or None, events checked)."""
+    backend = conn.info.backend_pid
+    best: tuple[float, float, float | None] | None = None
+    for _ in range(runs):
+        client0, server0 = time.process_time(), _backend_cpu(backend)
+        report = verifier.verify_all(conn, trusted)
+        client, server = time.process_time() - client0, _backend_cpu(backend)
+        conn.rollback()
+        assert report.ok, report.first_problem
+        server_cpu = server - server0 if server is not None and server0 is not None else None
+        if best is None or report.seconds < best[0]:
+            best = (report.seconds, client, server_cpu)
+    assert best is not None
+    return (*best, report.events_checked)
+
+
+def verify_event_latencies(
+    url: str, trusted: list[VerifyingKey], sample: list[int]
+) -> tuple[list[float], float, float | None]:
+    """``verify_event`` for each event of ``sample`` on one autocommit connection: (latencies in ms, sorted;
+    verifier CPU seconds; PostgreSQL backend CPU seconds or None)."""
     with psycopg.connect(url, autocommit=True) as conn:
         backend = conn.info.backend_pid
         for event_id in sample[:10]:  # the statement is prepared after a few runs, as in a long-lived service
@@ -188,6 +198,13 @@ def _verify_events(url: str, trusted: list[VerifyingKey], sample: list[int]) -> 
             assert report.ok, report.first_problem
         client, server = time.process_time() - client0, _backend_cpu(backend)
     latencies.sort()
+    server_cpu = server - server0 if server is not None and server0 is not None else None
+    return latencies, client, server_cpu
+
+
+def _verify_events(url: str, trusted: list[VerifyingKey], sample: list[int]) -> None:
+    print(f"load average before verify-event: {_load()}")
+    latencies, client, server_cpu = verify_event_latencies(url, trusted, sample)
     p50 = statistics.median(latencies)
     p99 = latencies[max(int(len(latencies) * 0.99) - 1, 0)]
     verdict = "meets" if p50 <= EVENT_TARGET_MS else "misses"
@@ -196,10 +213,10 @@ def _verify_events(url: str, trusted: list[VerifyingKey], sample: list[int]) -> 
         f"verify-event:    p50 {p50:.2f} ms ({verdict} the {EVENT_TARGET_MS} ms target),"
         f" p99 {p99:.2f} ms ({verdict99} it) over {len(latencies):,} events"
     )
-    if server is not None and server0 is not None:
+    if server_cpu is not None:
         print(
             f"  CPU per event: verifier {client / len(latencies) * 1000:.2f} ms,"
-            f" PostgreSQL {(server - server0) / len(latencies) * 1000:.2f} ms"
+            f" PostgreSQL {server_cpu / len(latencies) * 1000:.2f} ms"
         )
 
 
@@ -220,12 +237,21 @@ def _backend_cpu(pid: int) -> float | None:
 def _load_and_seal(
     conn: psycopg.Connection[tuple[object, ...]], args: argparse.Namespace
 ) -> list[VerifyingKey]:
-    seconds = _insert(conn, args.events)
-    print(
-        f"insert (COPY):   {args.events:>10,} events in {seconds:7.2f} s = {args.events / seconds:>10,.0f}/s"
-    )
+    return load_and_seal(conn, args.events, batch_size=args.batch_size, algorithm=args.algorithm)
 
-    key = generate_key(keys.new_key_name(), args.algorithm)
+
+def load_and_seal(
+    conn: psycopg.Connection[tuple[object, ...]],
+    events: int,
+    *,
+    batch_size: int = 1000,
+    algorithm: KeyAlgorithm = "ed25519",
+) -> list[VerifyingKey]:
+    """Insert ``events`` events and seal them all in batches of ``batch_size`` under a new key; its key."""
+    seconds = _insert(conn, events)
+    print(f"insert (COPY):   {events:>10,} events in {seconds:7.2f} s = {events / seconds:>10,.0f}/s")
+
+    key = generate_key(keys.new_key_name(), algorithm)
     with tempfile.TemporaryDirectory() as key_dir:
         keys.write_key_files(Path(key_dir), key)
     keys.register(conn, key.public(), datetime.now(UTC))
@@ -233,7 +259,7 @@ def _load_and_seal(
 
     print(f"load average before seal: {_load()}")
     started, cpu0 = time.perf_counter(), time.process_time()
-    result = sealer.seal_pending(conn, key, max_batch=args.batch_size, max_age=timedelta(0))
+    result = sealer.seal_pending(conn, key, max_batch=batch_size, max_age=timedelta(0))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu0
     signing = sorted(b.signing_seconds for b in result.batches)
     per_batch = [b.seconds for b in result.batches]
@@ -245,7 +271,7 @@ def _load_and_seal(
     )
     p99 = signing[int(len(signing) * 0.99) - 1]
     print(
-        f"signing ({args.algorithm}): median {statistics.median(signing) * 1e6:.1f} us per batch"
+        f"signing ({algorithm}): median {statistics.median(signing) * 1e6:.1f} us per batch"
         f" (mean {statistics.mean(signing) * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us)"
     )
     conn.autocommit = True

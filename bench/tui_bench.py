@@ -122,19 +122,20 @@ def report(label: str, result: dict[str, object]) -> None:
     )
 
 
-def populate(url: str) -> None:
-    """Fill the database, unless it holds the agents already (a database filled by an earlier run)."""
+def populate(url: str, agents: int = AGENTS) -> None:
+    """Fill the database with ``agents`` agents, unless it holds them already (a database filled by an earlier
+    run)."""
     migrate(url)
     now = datetime.now(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
     with Database(url) as db:
         with db.read() as conn:
             row = conn.execute("SELECT count(*) AS n FROM agents").fetchone()
-        if row is not None and int(row["n"]) >= AGENTS:
+        if row is not None and int(row["n"]) >= agents:
             print(f"(the database already holds {row['n']} agents: used as it is)")
             return
         ids: list[uuid.UUID] = []
-        for index in range(AGENTS):
+        for index in range(agents):
             parent = ids[index % 50] if index >= 100 and index % 10 == 0 else None
             created = agent_admin.create_agent(
                 db,

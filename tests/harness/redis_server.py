@@ -52,8 +52,17 @@ class RedisService:
     offers ``url``, ``host`` and ``port``.
     """
 
-    def __init__(self, *, host: str = LOOPBACK, port: int | None = None, url: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = LOOPBACK,
+        port: int | None = None,
+        url: str | None = None,
+        persistent: bool = False,
+    ) -> None:
         self.managed = url is None
+        # persistent: an append-only file (fsync every second), so a restart keeps the data, as in production.
+        self.persistent = persistent
         if url is not None:
             parts = urlsplit(url)
             self.url = url
@@ -131,7 +140,9 @@ class RedisService:
             "--save",
             "",
             "--appendonly",
-            "no",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "everysec",
             "--dir",
             str(self.workdir),
             "--logfile",
@@ -175,6 +186,17 @@ class RedisService:
             if self._proc is not None:
                 stop_process(self._proc, timeout=timeout)
 
+    def forget_data(self) -> None:
+        """Delete what a stopped server persisted (its append-only file and snapshot): the next start comes
+        up empty, as a Redis that lost its data does."""
+        self._require_managed("forget the data of")
+        with self._lock:
+            if self.is_running:
+                raise ServiceControlError("stop the server before deleting its data")
+            if self.workdir is not None:
+                remove_tree(self.workdir / "appendonlydir")
+                (self.workdir / "dump.rdb").unlink(missing_ok=True)
+
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
         self._require_managed("kill")
@@ -184,7 +206,7 @@ class RedisService:
                 self._proc.wait(timeout=30)
 
     def restart(self, timeout: float = 20.0) -> RedisService:
-        """Stop (if running) and start again on the same port. Data is not kept (no persistence)."""
+        """Stop (if running) and start again on the same port. Data is kept only when ``persistent``."""
         self._require_managed("restart")
         with self._lock:
             self.stop()
