@@ -69,10 +69,10 @@ class AuditLogProcessor:
         return self.apply([(record, item)])
 
     def classify(self, exc: BaseException) -> Failure:
-        if isinstance(exc, ValueError | TypeError) or (
+        if isinstance(exc, ValueError | TypeError | ArithmeticError | RecursionError) or (
             isinstance(exc, psycopg.DataError | psycopg.ProgrammingError) and exc.sqlstate is None
         ):
-            return Failure.PERMANENT  # refused by the client library before it reached the server
+            return Failure.PERMANENT  # raised before it reached the server (hashing, the client library)
         failure = classify(exc, self._conn)
         if failure is Failure.OUTAGE:
             self._drop()

@@ -225,6 +225,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         occurred_at = datetime.fromisoformat(occurred)
         if occurred_at.tzinfo is None:
             return None
+        occurred_at.astimezone(UTC)  # OverflowError out of range in UTC, as the reference refuses it
         amount, code = _amount(cost, currency)
         held = None if hold is None else _amount(hold, currency)[0]
         if extra:
@@ -304,19 +305,17 @@ def ledger_row(payload: bytes) -> tuple[str, bytes]:
     Raises :class:`~caracald.core.events.EventDecodeError` (or its subclass
     :class:`~caracald.core.events.UnknownSchemaVersionError`) when the payload is not a metering event.
     """
-    row = _fast_row(payload)
-    if row is not None:
-        return row
     try:
-        event = events.decode(payload)
+        row = _fast_row(payload)
+        if row is not None:
+            return row
+        return _row_from_event(events.decode(payload).to_ledger_event())
     except EventDecodeError:
         raise
-    except Exception as exc:  # the reference decoder must never take the writer down
-        raise EventDecodeError(f"malformed metering event: {exc!r}") from None
-    try:
-        return _row_from_event(event.to_ledger_event())
     except UnicodeEncodeError:  # a lone surrogate, from a JSON escape, is not UTF-8
         raise EventDecodeError("malformed metering event: a string is not valid Unicode") from None
+    except Exception as exc:  # no record may take the writer down (e.g. nesting too deep to serialise)
+        raise EventDecodeError(f"malformed metering event: {exc!r}") from None
 
 
 # --------------------------------------------------------------------------- failures

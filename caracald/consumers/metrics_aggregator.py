@@ -134,6 +134,17 @@ def seen_key(namespace: str, at: datetime) -> str:
     return f"{{{namespace}}}:agg:seen:{_hour(at)}"
 
 
+def _key_text(value: object) -> bool:
+    """Whether ``value`` can name a Redis key: a string that is valid Unicode (no lone surrogate)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def units(money: Money) -> int:
     """``money`` as an integer at its currency's ledger scale (exact: Money is held at that scale)."""
     return int(money.amount.scaleb(ledger_scale(money.currency)))
@@ -221,6 +232,8 @@ class RedisAggregates:
 
     def decode(self, record: Record) -> MeteringEvent:
         event = metering.decode(record.value)
+        if event.model is not None and not _key_text(event.model):
+            raise EventDecodeError("malformed metering event: model is not a string of valid Unicode")
         if abs(units(event.cost)) >= MAX_EVENT_UNITS:
             raise EventDecodeError(f"malformed metering event: cost {event.cost} is out of range")
         for name in ("input_tokens", "output_tokens", "cached_input_tokens"):
@@ -290,6 +303,8 @@ class RedisAggregates:
                 MODEL_SPEND.labels(event.model or NO_MODEL, event.cost.currency).inc(amount)
 
     def classify(self, exc: BaseException) -> Failure:
+        if isinstance(exc, ValueError | TypeError | ArithmeticError | RecursionError):
+            return Failure.PERMANENT  # raised here, before Redis was asked: the event is unusable
         if isinstance(exc, redis_errors.ResponseError) and not isinstance(
             exc, redis_errors.NoScriptError | redis_errors.BusyLoadingError | redis_errors.ReadOnlyError
         ):

@@ -137,7 +137,7 @@ def decode_event(payload: bytes) -> AuditEvent:
     :class:`~caracald.core.events.UnknownSchemaVersionError`) when it is not one."""
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also integers of too many digits, nesting too deep
         raise EventDecodeError(f"not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise EventDecodeError("not a JSON object")
@@ -155,11 +155,19 @@ def decode_event(payload: bytes) -> AuditEvent:
         raise EventDecodeError(f"malformed audit event: {exc!r}") from None
     if occurred_at.tzinfo is None:
         raise EventDecodeError("malformed audit event: occurred_at has no time zone")
+    try:  # the chain hashes the UTC instant: one before year 1 or after 9999 in UTC has none
+        occurred_at.astimezone(UTC)
+    except OverflowError:
+        raise EventDecodeError("malformed audit event: occurred_at is out of range in UTC") from None
     if not isinstance(actor, str) or not actor or not isinstance(action, str) or not action:
         raise EventDecodeError("malformed audit event: actor and action must be non-empty strings")
     if not isinstance(details, dict):
         raise EventDecodeError("malformed audit event: details is not an object")
-    if not _storable(body):
+    try:
+        storable = _storable(body)
+    except RecursionError:
+        raise EventDecodeError("malformed audit event: nested too deeply") from None
+    if not storable:
         # PostgreSQL text and jsonb hold neither NUL nor lone surrogates: it could never be stored
         raise EventDecodeError("malformed audit event: a string holds a NUL or a lone surrogate")
     agent_id = _optional_text(body, "agent_id")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
 
@@ -120,7 +120,7 @@ def encode(event: MeteringEvent) -> bytes:
 def decode(payload: bytes) -> MeteringEvent:
     try:
         body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also integers of too many digits, nesting too deep
         raise EventDecodeError(f"not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise EventDecodeError("not a JSON object")
@@ -150,6 +150,10 @@ def decode(payload: bytes) -> MeteringEvent:
         raise EventDecodeError(f"malformed metering event: {exc!r}") from None
     if event.occurred_at.tzinfo is None:
         raise EventDecodeError("occurred_at has no time zone")
+    try:  # consumers bucket events by UTC hour: an instant before year 1 or after 9999 in UTC is none
+        event.occurred_at.astimezone(UTC)
+    except OverflowError:
+        raise EventDecodeError("occurred_at is out of range in UTC") from None
     if str(event.event_id) != body.get("event_id"):
         raise EventDecodeError("event_id does not match the request id and kind")
     return event

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from caracald.budget.base import AdmissionRequest, BudgetBackend, ExpiredHold, Scope, Settlement
 from caracald.core.agents import Agent
+from caracald.core.budget import max_safe_amount
 from caracald.core.errors import ConflictError, CurrencyMismatchError, NotFoundError
 from caracald.core.events import MeteringEvent, decode, encode
 from caracald.core.ledger import LedgerEventType
@@ -115,6 +116,11 @@ class Billing:
         No event yet: :meth:`record_reservation` emits it. ``final=False`` marks an attempt the caller may
         repeat with a smaller hold: its refusal is not counted as a policy evaluation.
         """
+        if priced.hold.amount > max_safe_amount(priced.hold.currency).amount:
+            # Beyond the counters' exact range, so above every limit they can hold (an absurd output limit).
+            if final:
+                self._denied_evaluations.inc()
+            raise Denied(402, "budget_exhausted", f"no budget can take {priced.hold.format(exact=True)}")
         at = self.clock()
         started = time.perf_counter()
         try:

@@ -35,6 +35,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Final
 
+from caracald.core.errors import ValidationError
 from caracald.core.money import Money
 from caracald.core.pricebook import (
     Pricebook,
@@ -382,11 +383,18 @@ def _priced(plan: TokenPlan, price: TokenPrice, limit: int | None) -> Priced:
         options = dict(options) if isinstance(options, dict) else {}
         wants_usage = options.get("include_usage") is True
         payload["stream_options"] = {**options, "include_usage": True}
-    hold = token_cost(price, TokenUsage(plan.input_bound, (limit or 0) * plan.choices))
+    try:
+        hold = token_cost(price, TokenUsage(plan.input_bound, (limit or 0) * plan.choices))
+    except ValidationError:  # more than any amount can be
+        raise Denied(400, "invalid_request", "the output limit is too large to price") from None
+    try:
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (a JSON escape, or CESU-8 bytes): not text a provider reads
+        raise Denied(400, "invalid_json", "the request body holds text that is not valid Unicode") from None
     return Priced(
         kind=plan.kind,
         hold=hold,
-        body=json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode(),
+        body=body,
         model=plan.model,
         token_price=plan.price,
         stream=stream,

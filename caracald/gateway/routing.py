@@ -105,7 +105,10 @@ def resolve_generic(config: GatewayConfig, values: list[str]) -> Target:
     url = values[0].strip()
     if len(url) > _MAX_URL_LENGTH:
         raise Denied(400, "invalid_target", "the target URL is too long")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise Denied(400, "invalid_target", "X-Caracal-Target-URL is not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise Denied(400, "invalid_target", "X-Caracal-Target-URL must be an absolute http(s) URL")
     if "@" in parts.netloc or parts.fragment or "#" in url:
