@@ -99,6 +99,16 @@ def get(conn: AnyConnection, batch_id: UUID, *, with_leaves: bool = False) -> Ba
     return found[0] if found else None
 
 
+def stored_leaves(conn: AnyConnection, batch: Batch) -> bytes | None:
+    """The leaf hashes stored in the row of ``batch`` (by its id and tree size), as they are."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute(
+            "SELECT leaf_hashes FROM merkle_batches WHERE batch_id = %s AND tree_size = %s LIMIT 1",
+            (batch.batch_id, batch.tree_size),
+        ).fetchone()
+    return bytes(row[0]) if row is not None and row[0] is not None else None
+
+
 @dataclass(frozen=True, slots=True)
 class EventBatch:
     """What proving one event needs from its batch: the batch (with its block roots), the batch before it,
@@ -107,7 +117,8 @@ class EventBatch:
 
     batch: Batch
     before: Batch | None
-    origin: str
+    #: None when merkle_state has no row (the verifier reports it).
+    origin: str | None
     leaves: dict[int, bytes]
 
 
@@ -204,26 +215,35 @@ def latest(conn: AnyConnection) -> Batch | None:
     return found[0] if found else None
 
 
-def overlapping(
-    conn: AnyConnection, first_seq: int, last_seq: int, *, with_leaves: bool = False
-) -> list[Batch]:
-    """Batches holding any seq in ``[first_seq, last_seq]``, in seq order."""
-    return _select(
-        conn,
-        "last_seq >= %s AND first_seq <= %s ORDER BY first_seq",
-        (first_seq, last_seq),
-        leaves=with_leaves,
-    )
-
-
 def in_time_range(conn: AnyConnection, start: datetime, end: datetime) -> list[Batch]:
-    """Batches holding an event that occurred in ``[start, end]`` by their recorded span, in seq order."""
+    """Batches holding an event that occurred in ``[start, end]`` by their recorded span, in tree size
+    order (the signed one)."""
     return _select(
         conn,
-        "min_occurred_at <= %s AND max_occurred_at >= %s ORDER BY first_seq",
+        "min_occurred_at <= %s AND max_occurred_at >= %s ORDER BY tree_size",
         (end, start),
         leaves=False,
     )
+
+
+def covering(conn: AnyConnection, lo: int, hi: int) -> list[Batch]:
+    """The batches that, by their tree sizes (which their checkpoints sign), hold seqs ``lo..hi``: from
+    the first whose tree size reaches ``lo`` to the first whose tree size reaches ``hi`` (or the last), in
+    tree size order. Whether they chain, without a gap, is for the verifier to check."""
+    return _select(
+        conn,
+        "tree_size >= %(lo)s AND tree_size <= coalesce("
+        " (SELECT min(tree_size) FROM merkle_batches WHERE tree_size >= %(hi)s), 9223372036854775807)"
+        " ORDER BY tree_size",
+        {"lo": lo, "hi": hi},
+        leaves=False,
+    )
+
+
+def after(conn: AnyConnection, tree_size: int) -> Batch | None:
+    """The batch with the smallest tree size above ``tree_size`` (the one that should follow it)."""
+    found = _select(conn, "tree_size > %s ORDER BY tree_size LIMIT 1", (tree_size,), leaves=False)
+    return found[0] if found else None
 
 
 def recent(conn: AnyConnection, limit: int) -> list[Batch]:
@@ -293,13 +313,21 @@ class TreeState:
 
 
 def state(conn: AnyConnection, *, for_update: bool = False) -> TreeState:
+    found = find_state(conn, for_update=for_update)
+    if found is None:
+        raise LookupError("merkle_state has no row: the ledger integrity migration did not run")
+    return found
+
+
+def find_state(conn: AnyConnection, *, for_update: bool = False) -> TreeState | None:
+    """The tree state, or None when its row is missing (deleted: the verifier reports it)."""
     lock = " FOR UPDATE" if for_update else ""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
             f"SELECT origin, tree_size, frontier, last_batch_id, updated_at FROM merkle_state{lock}"
         ).fetchone()
     if row is None:
-        raise LookupError("merkle_state has no row: the ledger integrity migration did not run")
+        return None
     return TreeState(
         origin=row["origin"],
         tree_size=int(row["tree_size"]),

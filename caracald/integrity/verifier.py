@@ -1,20 +1,31 @@
 """Verification: recompute what each batch signs, from the rows, and say where it first goes wrong.
 
-For each batch, in seq order:
+For each batch, in tree size order:
 
 * its checkpoint opens with a trusted public key (``bad_signature``, ``unknown_key``) and says what the
   row says: tree size, root, batch id, origin (``batch_replaced``);
 * it starts where the previous batch ended, its stored frontier hashes to the previous checkpoint's root
-  and its consistency proof joins the two checkpoints (``chain_break``, ``frontier_mismatch``);
-* its events are exactly seq ``first_seq..last_seq`` (``missing_event``, ``duplicate_event``), each names
-  the batch (``wrong_batch``), event ids grow with seq (``reordered``), each row's stored canonical bytes
-  are its columns' encoding (``column_mismatch``), and their leaf hashes, added to the frontier, give the
-  signed root (``leaf_mismatch`` when the stored leaf list pins the event, else ``root_mismatch``).
+  and its consistency proof joins the two checkpoints (``chain_break``, ``frontier_mismatch``): so its seqs
+  are those the checkpoints give it, previous tree size + 1 .. tree size, which is where its rows are read
+  (its unsigned seq columns and event count must say the same: ``batch_replaced``);
+* its events are exactly those seqs (``missing_event``, ``duplicate_event``), each names the batch
+  (``wrong_batch``), event ids grow with seq (``reordered``), each row's stored canonical bytes are its
+  columns' encoding (``column_mismatch``), and their leaf hashes, added to the frontier, give the signed
+  root (``leaf_mismatch`` when the stored leaf list pins the event, else ``root_mismatch``);
+* its stored block roots and leaf hashes, from which one event is proven, are those of its leaves
+  (``batch_replaced``).
 
-Around the batches: events sealed into no batch, or unsealed for longer than sealing takes
-(``unbatched_event``), ``merkle_state`` disagreeing with the last batch (``state_mismatch``), and, given a
-checkpoint the verifier trusts from before, a ledger rolled back behind it or rewritten since
-(``rollback``, ``rewrite``).
+Which batches (:func:`verify_range`): by their tree sizes, those holding the seqs of the range's events
+and those whose recorded time span meets it, with every batch between them; the first chains to the
+checkpoint before it (or to the empty tree), and the batch after the last must extend the last, or there
+is none. So no batch falls out of a range unnoticed, whatever its seq columns say, and a batch removed
+(with its events or not) leaves a ``chain_break``; a range without events is checked by the batches around
+it.
+
+Around the batches: events sealed into no batch (a seq before 1 or past the last batch), or unsealed for
+longer than sealing takes (``unbatched_event``), ``merkle_state`` missing or disagreeing with the last batch
+(``state_mismatch``), and, given a checkpoint the verifier trusts from before, a ledger rolled back behind
+it or rewritten since (``rollback``, ``rewrite``).
 
 The rows are streamed as binary COPY (:mod:`caracald.integrity.copyrows`), in seq order, each with its
 stored canonical bytes and a flag PostgreSQL computes on the way: whether those bytes are the encoding of
@@ -199,7 +210,7 @@ class Report:
 def _spanned(problems: list[Problem], batch: Batch) -> list[Problem]:
     """Batch-level problems name the batch's events (all of them are in doubt)."""
     return [
-        replace(p, span=(batch.first_seq, batch.last_seq))
+        replace(p, span=(_first(batch), batch.tree_size))
         if p.batch_id == batch.batch_id and p.event_id is None and p.seq is None and p.span is None
         else p
         for p in problems
@@ -246,16 +257,23 @@ def _open(batch: Batch, keys: Sequence[VerifyingKey]) -> tuple[Checkpoint | None
         return None, Problem(kind, f"checkpoint of batch {batch.batch_id}: {what}", batch.batch_id)
 
 
-def _matches_row(batch: Batch, cp: Checkpoint, origin: str) -> str | None:
+def _matches_row(batch: Batch, cp: Checkpoint, origin: str | None) -> str | None:
     if cp.batch_id != str(batch.batch_id):
         return f"its signed checkpoint is that of batch {cp.batch_id}"
     if cp.tree_size != batch.tree_size:
         return f"its signed checkpoint covers {cp.tree_size} events, the row says {batch.tree_size}"
     if cp.root_hash != batch.root_hash:
         return f"its root 0x{batch.root_hash.hex()} is not the signed root 0x{cp.root_hash.hex()}"
-    if cp.origin != origin:
+    if origin is not None and cp.origin != origin:
         return f"its checkpoint is of ledger {cp.origin!r}, not {origin!r}"
     return None
+
+
+def _first(batch: Batch) -> int:
+    """The first seq of a batch by the tree sizes its chain checks (the previous checkpoint's, its own):
+    what its rows are read by. Its seq columns and event count must agree (``_shape``); when they do not,
+    the batch is reported, and its rows are read where the chain puts them all the same."""
+    return batch.previous_tree_size + 1
 
 
 def _shape(batch: Batch) -> str | None:
@@ -378,10 +396,11 @@ def _take_intact(
 
 # Per batch, its rows packed by PostgreSQL into one: how many there are, whether each names the batch and
 # whether each one's stored canonical bytes are the encoding of its columns, and those bytes (with their
-# lengths, 32-bit each), in seq order. A million rows arrive as a thousand messages, and the verifier
-# touches each event only to slice its bytes and hash them.
+# lengths, 32-bit each), in seq order; then the batch row's stored leaf hashes (what proves one event), to be
+# compared with the leaves. A million rows arrive as a thousand messages, and the verifier touches each
+# event only to slice its bytes and hash them.
 _PACKED = f"""
-SELECT b.i, r.n, r.named, r.intact, r.lengths, r.data
+SELECT b.i, r.n, r.named, r.intact, r.lengths, r.data, m.leaf_hashes
   FROM unnest(%s::int8[], %s::int8[], %s::uuid[]) WITH ORDINALITY AS b(first_seq, last_seq, batch_id, i)
  CROSS JOIN LATERAL (
        SELECT count(*) AS n,
@@ -392,9 +411,13 @@ SELECT b.i, r.n, r.named, r.intact, r.lengths, r.data
          FROM ledger_events e
         WHERE e.seq >= b.first_seq AND e.seq <= b.last_seq
        ) r
+  LEFT JOIN LATERAL (
+       SELECT m.leaf_hashes FROM merkle_batches m
+        WHERE m.batch_id = b.batch_id AND m.tree_size = b.last_seq LIMIT 1
+       ) m ON true
  ORDER BY b.i
 """
-_PACKED_FIELDS: Final = 6
+_PACKED_FIELDS: Final = 7
 #: Leaves hashed between two looks at the socket (a batch's rows are larger than its buffer).
 _PUMP_EVERY: Final = 256
 _EVENT_ID: Final = EVENT_ID_SLICE
@@ -408,6 +431,8 @@ class _Packed:
     intact: bool
     lengths: bytes
     data: bytes
+    #: The batch row's stored leaf hashes (None when NULL).
+    leaf_hashes: bytes | None
 
     def canonicals(self) -> list[bytes] | None:
         """The rows' canonical bytes, split by their lengths (None if those do not add up)."""
@@ -437,7 +462,7 @@ def _packed(data: bytes) -> _Packed | None:
             return None
     except (IndexError, ValueError):
         return None
-    index, count, named, intact, lengths, rows = fields
+    index, count, named, intact, lengths, rows, leaf_hashes = fields
     if index is None or count is None or len(index) != 8 or len(count) != 8:
         return None
     return _Packed(
@@ -447,11 +472,12 @@ def _packed(data: bytes) -> _Packed | None:
         intact == b"\x01",
         lengths or b"",
         rows or b"",
+        leaf_hashes,
     )
 
 
 def _contiguous(chunk: Sequence[Batch]) -> bool:
-    return all(b.first_seq == a.last_seq + 1 for a, b in pairwise(chunk))
+    return all(b.previous_tree_size == a.tree_size for a, b in pairwise(chunk))
 
 
 @dataclass
@@ -464,6 +490,9 @@ class _Checked:
     signed_root: bytes
     root_ok: bool
     diagnose: list[tuple[int, int, bytes]] = field(default_factory=list)
+    #: Whether the batch row's stored leaf hashes are its (signed) leaves: None when not known yet (the
+    #: row-by-row check compares them once the stream has ended, see _Walk.record).
+    leaves_recorded: bool | None = True
 
 
 # --------------------------------------------------------------------------- batches
@@ -477,18 +506,34 @@ class _Walk:
     """
 
     def __init__(
-        self, conn: AnyConnection, keys: Sequence[VerifyingKey], report: Report, origin: str
+        self, conn: AnyConnection, keys: Sequence[VerifyingKey], report: Report, origin: str | None
     ) -> None:
         self.conn = conn
         self.keys = keys
         self.report = report
+        #: The ledger's name every checkpoint must carry (None when merkle_state is gone, which is reported
+        #: on its own: then the first checkpoint opened names it, and the others must agree).
         self.origin = origin
         self.prev_size: int | None = None
         self.prev_root: bytes | None = None
         self.prev_id: UUID | None = None
 
+    def opened(self, batch: Batch) -> tuple[Checkpoint | None, list[Problem]]:
+        """The batch's checkpoint opened, and what is wrong with the batch row against it."""
+        problems: list[Problem] = []
+        cp, problem = _open(batch, self.keys)
+        if problem is not None:
+            problems.append(problem)
+        if cp is not None and self.origin is None:
+            self.origin = cp.origin
+        if cp is not None and (mismatch := _matches_row(batch, cp, self.origin)):
+            b = batch.batch_id
+            problems.append(Problem("batch_replaced", f"batch {b} was altered: {mismatch}", b))
+        return cp, problems
+
     def start_after(self, batch: Batch) -> None:
-        """Chain the first checked batch to the one before it (checked for its signature only)."""
+        """Chain the first checked batch to the one before it (its signed checkpoint only: its events are
+        not checked), or to the empty tree."""
         if batch.previous_tree_size == 0:
             self.prev_size, self.prev_root = 0, merkle.EMPTY_ROOT
             return
@@ -496,10 +541,10 @@ class _Walk:
         if before is None:
             self.prev_size = None  # reported by _chain
             return
-        cp, problem = _open(before, self.keys)
-        if problem is not None:
-            self.report.add(problem)
-        self.prev_size = before.tree_size
+        cp, problems = self.opened(before)
+        for p in problems:
+            self.report.add(p)
+        self.prev_size = cp.tree_size if cp is not None else before.tree_size
         self.prev_root = cp.root_hash if cp is not None else before.root_hash
         self.prev_id = before.batch_id
 
@@ -514,11 +559,11 @@ class _Walk:
                 )
             elif batch.previous_tree_size > self.prev_size:
                 message = (
-                    f"batch {b} starts at seq {batch.first_seq} but the batch before it ends at seq "
+                    f"batch {b} starts at seq {_first(batch)} but the batch before it ends at seq "
                     f"{self.prev_size}: seq {self.prev_size + 1}..{batch.previous_tree_size} are in no batch"
                 )
             else:
-                message = f"batch {b} starts at seq {batch.first_seq}, inside the batch before it"
+                message = f"batch {b} starts at seq {_first(batch)}, inside the batch before it"
             missing = self.prev_size + 1 if self.prev_size is not None else None
             found.append(Problem("chain_break", message, b, seq=missing))
             return found
@@ -559,13 +604,8 @@ class _Walk:
     def check_head(self, batch: Batch) -> tuple[list[Problem], bytes]:
         """The batch row's own checks: its signature, what it says against its checkpoint, its shape and
         its place in the chain. Returns their problems and the root to check its events against."""
-        problems: list[Problem] = []
         b = batch.batch_id
-        cp, problem = _open(batch, self.keys)
-        if problem is not None:
-            problems.append(problem)
-        if cp is not None and (mismatch := _matches_row(batch, cp, self.origin)):
-            problems.append(Problem("batch_replaced", f"batch {b} was altered: {mismatch}", b))
+        cp, problems = self.opened(batch)
         if shape := _shape(batch):
             problems.append(Problem("batch_replaced", f"batch {b} was altered: {shape}", b))
         signed_root = cp.root_hash if cp is not None else batch.root_hash
@@ -597,7 +637,7 @@ class _Walk:
         if _root_of(batch, leaves) != signed_root:
             return None
         pump()
-        if not _blocks_ok(batch, leaves, signed_root):
+        if not _blocks_ok(batch, leaves, signed_root) or packed.leaf_hashes != b"".join(leaves):
             return None
         self.prev_size, self.prev_root, self.prev_id = batch.tree_size, signed_root, batch.batch_id
         return _Checked(batch, [], leaves, signed_root, True)
@@ -617,8 +657,8 @@ class _Walk:
 
         # The rows: intact ones on the fast path (_take_intact), the others decoded and explained here.
         bid = b.bytes
-        expected = batch.first_seq
-        last = batch.last_seq
+        first = expected = _first(batch)
+        last = batch.tree_size
         canonicals: list[bytes] = []
         append = canonicals.append
         prev_event = 0
@@ -642,7 +682,7 @@ class _Walk:
                 add(Problem("malformed_row", f"an event of batch {b}: {row.problem}", b, event_id, expected))
                 continue
             seq = row.seq
-            if seq < batch.first_seq:
+            if seq < first:
                 if self.prev_size is not None and seq <= self.prev_size:
                     message = f"a second event with seq {seq}, which batch {self.prev_id} holds"
                     add(Problem("duplicate_event", message, self.prev_id, event_id, seq))
@@ -726,7 +766,32 @@ class _Walk:
                 )
             )
         self.prev_size, self.prev_root, self.prev_id = batch.tree_size, signed_root, b
-        return _Checked(batch, problems, leaves, signed_root, root_ok, diagnose)
+        # the leaves, when they are the signed ones, must be those stored: compared after the stream (record)
+        return _Checked(batch, problems, leaves, signed_root, root_ok, diagnose, None if root_ok else True)
+
+    def misrecorded(self, checked: _Checked) -> Problem | None:
+        """Unless the batch row's stored leaf hashes are its (signed) leaves, where they first differ."""
+        batch = checked.batch
+        b = batch.batch_id
+        stored = batches.stored_leaves(self.conn, batch)
+        if stored == b"".join(checked.leaves):
+            return None
+        stored = stored or b""
+        recorded = batches.split_hashes(stored)
+        where = next(
+            (
+                f"first at seq {_first(batch) + i}"
+                for i, (a, c) in enumerate(zip(checked.leaves, recorded, strict=False))
+                if a != c
+            ),
+            f"{len(stored)} bytes for {len(checked.leaves)} leaves",
+        )
+        return Problem(
+            "batch_replaced",
+            f"batch {b} was altered: its recorded leaf hashes are not its events' signed leaves ({where}); "
+            "proofs of its events from them (verify-event, prove) fail",
+            b,
+        )
 
     def pinpoint(self, checked: _Checked) -> Problem:
         """The event whose leaf differs from the batch's recorded leaves (if those hash to the root)."""
@@ -739,7 +804,7 @@ class _Walk:
         if recorded_ok and not any(p.event_level for p in checked.problems) and len(leaves) == len(recorded):
             for index, (mine, theirs) in enumerate(zip(leaves, recorded, strict=True)):
                 if mine != theirs:
-                    seq = batch.first_seq + index
+                    seq = _first(batch) + index
                     event_id = self._event_at(seq)
                     return Problem(
                         "leaf_mismatch",
@@ -771,6 +836,8 @@ class _Walk:
             )
         if not checked.root_ok:
             checked.problems.append(self.pinpoint(checked))
+        if checked.leaves_recorded is None and (misrecorded := self.misrecorded(checked)) is not None:
+            checked.problems.append(misrecorded)
         report.batches_checked += 1
         report.events_checked += len(checked.leaves)
         report.first_batch = report.first_batch or batch.batch_id
@@ -808,8 +875,8 @@ def _check_packed(conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch]) -> l
     else None, with ``walk`` back where it was, for the row-by-row check to find what is wrong."""
     before = walk.prev_size, walk.prev_root, walk.prev_id
     params = (
-        [b.first_seq for b in chunk],
-        [b.last_seq for b in chunk],
+        [_first(b) for b in chunk],
+        [b.tree_size for b in chunk],
         [b.batch_id for b in chunk],
     )
     checked: list[_Checked] = []
@@ -835,11 +902,16 @@ def _check_packed(conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch]) -> l
 
 
 def _walk(
-    conn: AnyConnection, batch_list: Sequence[Batch], keys: Sequence[VerifyingKey], report: Report
-) -> None:
+    conn: AnyConnection,
+    batch_list: Sequence[Batch],
+    keys: Sequence[VerifyingKey],
+    report: Report,
+    origin: str | None,
+) -> _Walk | None:
+    """Check ``batch_list`` (consecutive batches, in tree size order) and their rows; the walk, left at
+    the last one (None when there is none)."""
     if not batch_list:
-        return
-    origin = batches.state(conn).origin
+        return None
     walk = _Walk(conn, keys, report, origin)
     walk.start_after(batch_list[0])
     with conn.cursor(row_factory=tuple_row) as cur:
@@ -856,8 +928,8 @@ def _walk(
                     for c in fast:
                         walk.record(c)
                     continue
-            lo = min(b.first_seq for b in chunk)
-            hi = max(b.last_seq for b in chunk)
+            lo = min(_first(b) for b in chunk)
+            hi = max(b.tree_size for b in chunk)
             query, params = _rows_query(lo, hi)
             messages = copyrows.rows(conn, query, params)
             pending: list[bytes] = []
@@ -880,6 +952,7 @@ def _walk(
         if conn.info.transaction_status == pq.TransactionStatus.INTRANS:  # put the planner back as it was
             with conn.cursor() as cur:
                 cur.execute(_RESTORE, ([r[0] for r in before], [r[1] for r in before]))
+    return walk
 
 
 def _snapshot(conn: AnyConnection, *, repeatable: bool = True) -> None:
@@ -909,48 +982,86 @@ def verify_batch(conn: AnyConnection, batch_id: UUID, keys: Sequence[VerifyingKe
     if batch is None:
         raise NotFoundError(f"merkle batch {batch_id} not found")
     report = Report("batch")
-    _walk(conn, [batch], keys, report)
+    state = _state(conn, report)
+    _walk(conn, [batch], keys, report, state.origin if state else None)
     report.batch_event_count = batch.event_count
     return _finish(report, started)
 
 
 def _batches_for_range(conn: AnyConnection, start: datetime, end: datetime) -> list[Batch]:
-    """The batches to verify for events that occurred in ``[start, end]``: those whose recorded time span
-    meets the range, and those holding an event whose time is in it now (an event whose time was moved
-    into the range is checked too), with every batch between them, so the chain is checked unbroken."""
+    """The batches to verify for events that occurred in ``[start, end]``, in tree size order.
+
+    Those whose recorded time span meets the range, and, by their tree sizes (what their checkpoints
+    sign, unlike their seq columns), those holding the seqs of the sealed events whose own time is in it
+    (an event whose time was moved into the range is checked too), with every batch between them: the walk
+    then checks that they chain without a gap, from the checkpoint before the first. A range holding
+    neither is verified by the batches around it (the nearest events and batches on either side), whose
+    chain must run unbroken across it: a batch deleted with its events leaves a hole there.
+    """
     by_time = batches.in_time_range(conn, start, end)
-    latest = batches.latest(conn)
-    if (
-        by_time
-        and latest is not None
-        and by_time[0].first_seq == 1
-        and by_time[-1].tree_size == latest.tree_size
-    ):
-        return batches.overlapping(conn, 1, latest.tree_size)  # every batch: no event can be elsewhere
-    with conn.cursor(row_factory=dict_row) as cur:
+    if by_time and len(by_time) == batches.count(conn):
+        # every batch: a sealed event can be in none only before seq 1 or past the last (_outside_batches)
+        return by_time
+    with conn.cursor(row_factory=tuple_row) as cur:
         row = cur.execute(
             # OFFSET 0: read the time index (occurred_at, seq) over the range, not the seq index from each
             # end filtering on time (the planner's min/max shortcut, hopeless for a narrow range)
-            "SELECT min(s) AS lo, max(s) AS hi FROM"
+            "SELECT min(s), max(s) FROM"
             " (SELECT seq AS s FROM ledger_events WHERE occurred_at >= %s AND occurred_at <= %s OFFSET 0) t",
             (start, end),
         ).fetchone()
-    spans = [(b.first_seq, b.last_seq) for b in by_time]
-    if row and row["lo"] is not None:
-        spans.append((int(row["lo"]), int(row["hi"])))
-    if not spans:
+        bounds = [int(v) for v in row or () if v is not None]
+        bounds += [b.tree_size for b in by_time]
+        if not bounds:
+            around = cur.execute(_AROUND, {"start": start, "end": end}).fetchone()
+            bounds = [int(v) for v in around or () if v is not None]
+    if not bounds:
         return []
-    lo = min(s[0] for s in spans)
-    hi = max(s[1] for s in spans)
-    return batches.overlapping(conn, lo, hi)
+    return batches.covering(conn, min(bounds), max(bounds))
+
+
+# The seqs just around a range without events: the nearest sealed events before and after it by their own
+# times, and the tree sizes of the nearest batches by their recorded spans.
+_AROUND = """
+SELECT (SELECT seq FROM ledger_events WHERE occurred_at < %(start)s AND seq IS NOT NULL
+         ORDER BY occurred_at DESC LIMIT 1),
+       (SELECT seq FROM ledger_events WHERE occurred_at > %(end)s AND seq IS NOT NULL
+         ORDER BY occurred_at LIMIT 1),
+       (SELECT tree_size FROM merkle_batches WHERE max_occurred_at < %(start)s
+         ORDER BY max_occurred_at DESC LIMIT 1),
+       (SELECT tree_size FROM merkle_batches WHERE min_occurred_at > %(end)s
+         ORDER BY min_occurred_at LIMIT 1)
+"""
+
+
+def _check_next(conn: AnyConnection, walk: _Walk, report: Report) -> None:
+    """The batch after the last one checked must extend it (its checkpoint signed, its start frontier
+    the last checked root, its consistency proof joining them), unless there is none: a batch removed
+    just past a range leaves a hole here. Only its checkpoint is checked (its events are another range's)."""
+    if walk.prev_size is None:
+        return  # the last batch checked did not chain: reported
+    following = batches.after(conn, walk.prev_size)
+    if following is None:
+        return  # the ledger's last batch: merkle_state must agree with it (_check_state)
+    problems, _ = walk.check_head(following)
+    for p in _spanned(problems, following):
+        report.add(p)
 
 
 def _outside_batches(
-    conn: AnyConnection, report: Report, start: datetime, end: datetime, stale_before: datetime
+    conn: AnyConnection,
+    report: Report,
+    start: datetime,
+    end: datetime,
+    stale_before: datetime,
+    latest: Batch | None,
 ) -> None:
-    latest = batches.latest(conn)
     last_seq = latest.tree_size if latest else 0
     with conn.cursor(row_factory=dict_row) as cur:
+        before = cur.execute(
+            "SELECT event_id, seq, merkle_root_id FROM ledger_events WHERE seq < 1 ORDER BY seq LIMIT %s",
+            (MAX_PROBLEMS_PER_BATCH,),
+        ).fetchall()
         beyond = cur.execute(
             "SELECT event_id, seq, merkle_root_id FROM ledger_events WHERE seq > %s ORDER BY seq LIMIT %s",
             (last_seq, MAX_PROBLEMS_PER_BATCH),
@@ -972,6 +1083,16 @@ def _outside_batches(
             " ORDER BY event_id LIMIT %s",
             (start, end, stale_before, MAX_PROBLEMS_PER_BATCH),
         ).fetchall()
+    for r in before:
+        report.add(
+            Problem(
+                "unbatched_event",
+                f"event {r['event_id']} has seq {r['seq']}, before seq 1: it is in no batch",
+                r["merkle_root_id"],
+                int(r["event_id"]),
+                int(r["seq"]),
+            )
+        )
     for r in beyond:
         report.add(
             Problem(
@@ -1006,9 +1127,23 @@ def _outside_batches(
         )
 
 
-def _check_state(conn: AnyConnection, report: Report) -> None:
-    latest = batches.latest(conn)
-    state = batches.state(conn)
+def _state(conn: AnyConnection, report: Report) -> batches.TreeState | None:
+    """The tree state; its row missing is a problem (it names the ledger, and the sealer extends it)."""
+    state = batches.find_state(conn)
+    if state is None:
+        report.add(Problem("state_mismatch", _NO_STATE))
+    return state
+
+
+_NO_STATE: Final = (
+    "merkle_state has no row: the tree state was deleted (it names the ledger the checkpoints are of, "
+    "and the sealer cannot extend the tree without it)"
+)
+
+
+def _check_state(report: Report, state: batches.TreeState | None, latest: Batch | None) -> None:
+    if state is None:
+        return  # reported by _state
     if latest is None:
         if state.tree_size:
             report.add(
@@ -1054,9 +1189,14 @@ def verify_range(
     started = time.perf_counter()
     _snapshot(conn)
     report = Report("range")
-    _walk(conn, _batches_for_range(conn, start, end), keys, report)
-    _outside_batches(conn, report, start, end, (now or datetime.now(UTC)) - unsealed_grace)
-    _check_state(conn, report)
+    state = _state(conn, report)
+    to_check = _batches_for_range(conn, start, end)
+    walk = _walk(conn, to_check, keys, report, state.origin if state else None)
+    if walk is not None:
+        _check_next(conn, walk, report)
+    latest = batches.latest(conn)
+    _outside_batches(conn, report, start, end, (now or datetime.now(UTC)) - unsealed_grace, latest)
+    _check_state(report, state, latest)
     if trusted_checkpoint is not None:
         check_trusted(conn, trusted_checkpoint, keys, report)
     return _finish(report, started)
@@ -1082,8 +1222,8 @@ def check_trusted(conn: AnyConnection, note: str, keys: Sequence[VerifyingKey], 
         trusted_batch: UUID | None = UUID(trusted.batch_id)
     except ValueError:
         trusted_batch = None
-    state = batches.state(conn)
-    if trusted.origin != state.origin:
+    state = batches.find_state(conn)  # its absence is reported by the caller
+    if state is not None and trusted.origin != state.origin:
         report.add(
             Problem(
                 "rewrite", f"the trusted checkpoint is of ledger {trusted.origin!r}, this is {state.origin!r}"
@@ -1129,7 +1269,7 @@ def check_trusted(conn: AnyConnection, note: str, keys: Sequence[VerifyingKey], 
         return
     try:
         path = proofs.consistency_between(conn, trusted.tree_size, latest.tree_size)
-    except (NotFoundError, ValidationError) as exc:
+    except (NotFoundError, ValidationError, LookupError) as exc:
         report.add(
             Problem(
                 "rewrite", f"cannot prove the ledger extends the trusted checkpoint: {exc}", latest.batch_id
@@ -1270,6 +1410,8 @@ def verify_event(
         )
         return _finish(report, started)
     batch, before, origin = found_batch.batch, found_batch.before, found_batch.origin
+    if origin is None:
+        report.add(Problem("state_mismatch", _NO_STATE))
     report.first_batch = report.last_batch = batch_id
     report.batch_event_count = batch.event_count
     report.tree_size = batch.tree_size
@@ -1297,12 +1439,12 @@ def verify_event(
         report.add(Problem(kind, f"event {event_id} (seq {seq}): {row.problem}", batch_id, event_id, seq))
     if row.canonical is not None and not _included(found_batch, seq, row.canonical, signed_root):
         report.add(_why_not_included(conn, batch, event_id, seq, row.canonical, signed_root))
-    walk = _Walk(conn, keys, report, origin)
+    walk = _Walk(conn, keys, report, origin if origin is not None or cp is None else cp.origin)
     if before is not None:
-        before_cp, problem = _open(before, keys)
-        if problem is not None:
-            report.add(problem)
-        walk.prev_size = before.tree_size
+        before_cp, problems = walk.opened(before)
+        for p in problems:
+            report.add(p)
+        walk.prev_size = before_cp.tree_size if before_cp is not None else before.tree_size
         walk.prev_root = before_cp.root_hash if before_cp is not None else before.root_hash
         walk.prev_id = before.batch_id
     elif batch.previous_tree_size == 0:

@@ -42,6 +42,8 @@ class Sealed:
     key_dir: Path
     batch_ids: list[uuid.UUID]
     agents: list[uuid.UUID]
+    #: Each batch's time span (its first and last event's ``occurred_at``): the period an operator verifies.
+    periods: list[tuple[datetime, datetime]]
 
 
 def make_events(agents: list[uuid.UUID], count: int, start: datetime = START) -> list[LedgerEvent]:
@@ -96,7 +98,11 @@ def sealed(
         with db.transaction() as conn:
             result = sealer.seal_pending(conn, key, max_age=timedelta(0))
     assert [b.event_count for b in result.batches] == [1000, 1000, 500]
-    yield Sealed(name, key_dir, [b.batch_id for b in result.batches], agents)
+    with psycopg.connect(url) as conn:
+        periods = conn.execute(
+            "SELECT min_occurred_at, max_occurred_at FROM merkle_batches ORDER BY first_seq"
+        ).fetchall()
+    yield Sealed(name, key_dir, [b.batch_id for b in result.batches], agents, [(a, b) for a, b in periods])
     postgres_service.drop_database(name)
 
 
@@ -119,6 +125,14 @@ class Ledger:
     def verify_range(self, *extra: str) -> tuple[int, dict[str, str], str]:
         result = self.cli(
             "merkle", "verify-range", "--start-time", "2024-01-01T00:00:00Z", "--end-time", "now", *extra
+        )
+        return result.exit_code, block(result.stdout), result.stdout + result.stderr
+
+    def verify_period(self, index: int) -> tuple[int, dict[str, str], str]:
+        """``verify-range`` over the time span batch ``index`` had before any tampering."""
+        start, end = self.sealed.periods[index]
+        result = self.cli(
+            "merkle", "verify-range", "--start-time", start.isoformat(), "--end-time", end.isoformat()
         )
         return result.exit_code, block(result.stdout), result.stdout + result.stderr
 
@@ -147,6 +161,17 @@ def assert_detected(
         assert fields["First Bad Batch"] == str(batch), text
     if event is not None:
         assert str(event) in fields["First Bad Event"], text
+    for word in words:
+        assert word in fields["Problem"], text
+    return fields
+
+
+def assert_failed(outcome: tuple[int, dict[str, str], str], *words: str) -> dict[str, str]:
+    """A ``verify-*`` outcome (exit code, fields, text): FAILED, its problem naming ``words``."""
+    code, fields, text = outcome
+    assert code == 1, text
+    assert fields["Integrity"] == "FAILED", text
+    assert fields["Tamper Detected"] == "Yes", text
     for word in words:
         assert word in fields["Problem"], text
     return fields
@@ -497,6 +522,113 @@ def test_a_root_hash_changed_in_the_row_is_found(ledger: Ledger) -> None:
 def test_a_deleted_batch_row_is_found(ledger: Ledger) -> None:
     ledger.sql("DELETE FROM merkle_batches WHERE batch_id = %s", (ledger.batches[1],))
     assert_detected(ledger, None, "1001", "no batch")
+
+
+# --------------------------------------------------------------------------- batch rows the verifier must not skip
+
+
+@pytest.mark.parametrize(
+    ("index", "column", "bit"),
+    [(0, "first_seq", 40), (1, "first_seq", 40), (2, "first_seq", 40), (2, "last_seq", 11)],
+)
+def test_a_flipped_seq_range_hides_no_batch(ledger: Ledger, index: int, column: str, bit: int) -> None:
+    """A batch row's seq columns are not signed: one bit flipped in them must not take the batch, and an
+    event changed in it, out of what verify-range reads (over the whole ledger or over the batch's period)."""
+    b = ledger.batches[index]
+    ledger.sql("ALTER TABLE merkle_batches DROP CONSTRAINT merkle_batches_check")
+    ledger.sql("ALTER TABLE merkle_batches DROP CONSTRAINT merkle_batches_check1")
+    ledger.sql(
+        f"UPDATE merkle_batches SET {column} = {column} # (1::bigint << {bit}) WHERE batch_id = %s", (b,)
+    )
+    seq = 1000 * index + 10
+    ledger.sql("UPDATE ledger_events SET cost = cost + 1000 WHERE seq = %s", (seq,))
+    for outcome in (ledger.verify_range(), ledger.verify_period(index)):
+        # the batch is reported, and its rows are read where its checkpoints put them: the change is named
+        fields = assert_failed(outcome, "cost")
+        assert fields["First Bad Batch"] == str(b), outcome[2]
+        assert fields["First Bad Event"] == f"{ledger.event_at(seq)} (seq {seq})", outcome[2]
+
+
+@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("with_events", [False, True], ids=["row", "row-and-events"])
+def test_a_deleted_batch_is_found_by_its_period(ledger: Ledger, index: int, with_events: bool) -> None:
+    """Verifying the period of a batch that is gone (its row, or its row and its events) fails: the chain
+    of the batches around it has a hole."""
+    b = ledger.batches[index]
+    if with_events:
+        ledger.sql("DELETE FROM ledger_events WHERE merkle_root_id = %s", (b,))
+    ledger.sql("DELETE FROM merkle_batches WHERE batch_id = %s", (b,))
+    for outcome in (ledger.verify_range(), ledger.verify_period(index)):
+        fields = assert_failed(outcome, "no batch")
+        assert fields["First Bad Batch"] == str(ledger.batches[index + 1]), outcome[2]
+
+
+def test_an_empty_period_is_verified_by_the_batches_around_it(ledger: Ledger) -> None:
+    """A period without events passes when the chain runs unbroken across it."""
+    end = ledger.sealed.periods[1][1]
+    result = ledger.cli(
+        "merkle",
+        "verify-range",
+        "--start-time",
+        (end + timedelta(milliseconds=1)).isoformat(),
+        "--end-time",
+        (end + timedelta(milliseconds=2)).isoformat(),
+    )
+    assert result.exit_code == 0, result
+    fields = block(result.stdout)
+    assert fields["Integrity"] == "PASSED"
+    assert fields["Batches Checked"] == "2"  # the batches before and after it, which chain
+
+
+@pytest.mark.parametrize("seq", [0, -7])
+def test_a_row_inserted_before_the_first_seq_is_found(ledger: Ledger, seq: int) -> None:
+    ledger.sql("ALTER TABLE ledger_events DROP CONSTRAINT ledger_events_seq_check")
+    agent = ledger.sealed.agents[0]
+    rows = ledger.sql(
+        "INSERT INTO ledger_events (idempotency_key, event_type, agent_id, occurred_at, cost, currency, seq,"
+        " merkle_root_id, canonical) VALUES (gen_random_uuid(), 'settlement', %s, %s, 5, 'USD', %s, %s, '\\x01')"
+        " RETURNING event_id",
+        (agent, START + timedelta(seconds=5, microseconds=1), seq, ledger.batches[0]),
+    )
+    event = rows[0]["event_id"]
+    for outcome in (ledger.verify_range(), ledger.verify_period(0)):
+        fields = assert_failed(outcome, "no batch")
+        assert fields["First Bad Event"].startswith(str(event)), outcome[2]
+
+
+@pytest.mark.parametrize("how", ["flipped", "truncated"])
+def test_altered_leaf_hashes_are_found(ledger: Ledger, how: str) -> None:
+    """The recorded leaf hashes are what proves one event (verify-event, prove): verify-range and
+    verify-batch check them against the events' leaves."""
+    b = ledger.batches[1]
+    if how == "flipped":
+        change = "set_byte(leaf_hashes, 5 * 32 + 3, get_byte(leaf_hashes, 5 * 32 + 3) # 1)"
+    else:
+        ledger.sql("ALTER TABLE merkle_batches DROP CONSTRAINT merkle_batches_check2")
+        change = "substring(leaf_hashes FROM 1 FOR length(leaf_hashes) - 32)"
+    ledger.sql(f"UPDATE merkle_batches SET leaf_hashes = {change} WHERE batch_id = %s", (b,))
+    for outcome in (ledger.verify_range(), ledger.verify_period(1)):
+        fields = assert_failed(outcome, "leaf hashes")
+        assert fields["First Bad Batch"] == str(b), outcome[2]
+    result = ledger.cli("merkle", "verify-batch", "--batch-id", str(b))
+    fields = assert_failed((result.exit_code, block(result.stdout), result.stdout), "leaf hashes")
+    assert fields["First Bad Batch"] == str(b)
+    ledger.cli.ok("merkle", "verify-batch", "--batch-id", str(ledger.batches[0]))
+    # what the stored leaves prove fails: an event whose audit path takes the altered leaf
+    neighbour = 1005 if how == "flipped" else 1999
+    assert ledger.cli("merkle", "verify-event", "--event-id", str(ledger.event_at(neighbour))).exit_code == 1
+
+
+def test_a_deleted_tree_state_is_reported_not_raised(ledger: Ledger) -> None:
+    ledger.sql("DELETE FROM merkle_state")
+    for outcome in (ledger.verify_range(), ledger.verify_period(0), ledger.verify_period(2)):
+        assert_failed(outcome, "merkle_state")
+    for command in (
+        ("verify-batch", "--batch-id", str(ledger.batches[1])),
+        ("verify-event", "--event-id", str(ledger.event_at(TARGET_SEQ))),
+    ):
+        result = ledger.cli("merkle", *command)
+        assert_failed((result.exit_code, block(result.stdout), result.stdout + result.stderr), "merkle_state")
 
 
 def test_a_tampered_tree_state_is_found_and_sealing_refuses(ledger: Ledger) -> None:
