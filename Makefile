@@ -31,7 +31,7 @@ test: setup lint typecheck
 	$(BIN)/pytest -q
 
 # Every load, fault, tamper and hostile-input drill against a distributed deployment on this machine: one table,
-# exit 1 when an invariant broke (about 25 minutes; PROOF_ARGS=--quick for a few).
+# exit 1 when an invariant broke (about 21 minutes; PROOF_ARGS=--quick for about 10).
 proof: setup
 	bash .ci/services.sh
 	$(BIN)/python bench/proof.py $(PROOF_ARGS)

@@ -1,7 +1,7 @@
 """Proof under fire: every drill against a real distributed deployment on this machine, then one table.
 
-    .venv/bin/python bench/proof.py                  # every drill, about 25 minutes on 2 cores
-    .venv/bin/python bench/proof.py --quick          # fewer rounds, kills and trials: a few minutes
+    .venv/bin/python bench/proof.py                  # every drill, about 21 minutes on 2 cores
+    .venv/bin/python bench/proof.py --quick          # fewer rounds, kills and trials: about 10 minutes
     .venv/bin/python bench/proof.py --only concurrency,tamper
 
 Starts PostgreSQL, Redis (append-only file on, as in production) and an Apache Kafka broker from the test
