@@ -219,9 +219,8 @@ class Billing:
             assert settlement is not None
             if draft is None:
                 return
-            if settlement.replayed:  # settled before: its event was recorded then
-                self._resolve("settle", hold.request_id)
-                return
+            # A replayed settlement is this one's own earlier try (a retry after a lost answer): its event was
+            # not sent yet. Sending it is harmless in any case: the ledger is idempotent by event id.
             if await self._emit(settled_event(draft, settlement)):
                 self._resolve("settle", hold.request_id)
         finally:

@@ -201,3 +201,28 @@ async def test_a_settlement_the_backend_refused_is_retried_as_a_late_one(
     (status,) = await backend.status([scope], hold.admitted_at)
     assert status.settled == COST
     journal.close()
+
+
+async def test_a_settlement_whose_answer_was_lost_is_still_recorded(
+    backend: BudgetBackend, tmp_path: Path
+) -> None:
+    """The counters took the settlement but its answer was lost, and the retry heard "already settled": that
+    was this very settlement, whose event has not gone out yet."""
+    clock = Clock()
+    journal = ChargeJournal(tmp_path / "charges.journal")
+    sink = MemorySink()
+    bill = billing(backend, sink, journal, clock)
+    hold, scope = await admitted_hold(backend, bill, clock)
+
+    class LostAnswer:
+        async def settle(self, request_id: uuid.UUID, actual: Money, at: datetime) -> object:
+            await backend.settle(request_id, actual, at)  # done, but its answer never arrives
+            return await backend.settle(request_id, actual, at)  # the retry: replayed
+
+    bill.budget = LostAnswer()  # type: ignore[assignment]
+    await bill.settle(hold, COST, None, {})
+    assert [(e.kind, e.cost) for e in sink.events] == [(LedgerEventType.SETTLEMENT, COST)]
+    assert len(journal) == 0
+    (status,) = await backend.status([scope], clock.now)
+    assert status.settled == COST
+    journal.close()
