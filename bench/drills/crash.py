@@ -24,7 +24,7 @@ from decimal import Decimal
 from bench.drills import report
 from bench.drills.accounting import Accounting, account, wait_drained
 from bench.drills.deployment import Agent, Deployment
-from bench.drills.load import SteadyLoad, statuses
+from bench.drills.load import Reply, SteadyLoad, statuses
 from caracald.budget.redis_backend import RedisBudget
 
 DRILL = "crash"
@@ -76,14 +76,45 @@ def verify_range(deployment: Deployment, since: datetime) -> tuple[bool, str]:
     )
 
 
-def settle_down(deployment: Deployment, agents: list[Agent], replies: list) -> tuple[float, Accounting]:  # type: ignore[type-arg]
-    """Every daemon up, every hold past its time to live, the bus drained: (seconds it took, the books)."""
+def audit(
+    deployment: Deployment, drill: str, agents: list[Agent], replies: list[Reply], since: datetime
+) -> tuple[float, Accounting, list[report.Row]]:
+    """Every daemon up, every hold past its time to live, the bus drained; then the books' invariants:
+    (the seconds that took, the books, their rows)."""
     began = time.monotonic()
     deployment.wait_healthy()
     # a hold admitted just before its gateway died expires after its time to live; the sweep runs every ttl/10
     time.sleep(deployment.hold_ttl_seconds * 1.3 + 2)
     wait_drained(deployment, [a.agent_id for a in agents])
-    return time.monotonic() - began, account(deployment, [a.agent_id for a in agents], replies)
+    took = time.monotonic() - began
+    books = account(deployment, [a.agent_id for a in agents], replies)
+    holds = redis_holds(deployment)
+    passed, verdict = verify_range(deployment, since)
+    for problem in (books.lost + books.duplicated + books.aggregate_mismatches)[:10]:
+        print(f"  problem: {problem}", flush=True)
+    return (
+        took,
+        books,
+        [
+            report.invariant(drill, "lost events", len(books.lost), not books.lost, "0"),
+            report.invariant(drill, "duplicated events", len(books.duplicated), not books.duplicated, "0"),
+            report.invariant(
+                drill,
+                "holds left open after expiry (ledger / Redis)",
+                f"{books.open_holds_ledger} / {holds}",
+                books.open_holds_ledger == 0 and holds == 0,
+                "0 / 0",
+            ),
+            report.invariant(
+                drill,
+                "aggregator counts = ledger",
+                len(books.aggregate_mismatches) or "equal",
+                not books.aggregate_mismatches,
+                "equal",
+            ),
+            report.invariant(drill, "merkle verify-range", verdict, passed, "PASSED"),
+        ],
+    )
 
 
 def run(deployment: Deployment, *, kills_per_daemon: int = 20, seed: int = 0) -> list[report.Row]:
@@ -122,11 +153,9 @@ def run(deployment: Deployment, *, kills_per_daemon: int = 20, seed: int = 0) ->
     print(
         f"  {sum(kills.values())} kills in {kill_seconds:.0f} s; calls {dict(statuses(replies))}", flush=True
     )
-    recovery, books = settle_down(deployment, agents, replies)
-    holds = redis_holds(deployment)
-    passed, verdict = verify_range(deployment, since)
+    recovery, books, checks = audit(deployment, DRILL, agents, replies, since)
     fewest = min(kills.values()) if kills else 0
-    rows = [
+    return [
         report.invariant(
             DRILL,
             "kill -9 per daemon (2 gateways, 3 consumers)",
@@ -143,29 +172,10 @@ def run(deployment: Deployment, *, kills_per_daemon: int = 20, seed: int = 0) ->
         report.info(
             DRILL, "events on the bus / in the ledger", f"{books.bus_events:,} / {books.ledger_events:,}"
         ),
-        report.invariant(DRILL, "lost events", len(books.lost), not books.lost, "0"),
-        report.invariant(DRILL, "duplicated events", len(books.duplicated), not books.duplicated, "0"),
-        report.invariant(
-            DRILL,
-            "holds left open after expiry (ledger / Redis)",
-            f"{books.open_holds_ledger} / {holds}",
-            books.open_holds_ledger == 0 and holds == 0,
-            "0 / 0",
-        ),
-        report.invariant(
-            DRILL,
-            "aggregator counts = ledger",
-            len(books.aggregate_mismatches) or "equal",
-            not books.aggregate_mismatches,
-            "equal",
-        ),
-        report.invariant(DRILL, "merkle verify-range", verdict, passed, "PASSED"),
+        *checks,
         report.info(DRILL, "dead letters", books.dead_letters),
         report.info(
             DRILL, "charges recorded from a killed gateway's journal", journal_recoveries(deployment)
         ),
         report.info(DRILL, "back to clean books after the last kill", f"{recovery:.0f} s"),
     ]
-    for problem in (books.lost + books.duplicated + books.aggregate_mismatches)[:10]:
-        print(f"  problem: {problem}", flush=True)
-    return rows
