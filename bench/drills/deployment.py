@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -38,10 +38,9 @@ from caracal_ops.platform.local import LocalPlatform, caracald_executable
 from caracald.admin import agents as agent_admin
 from caracald.admin import allowlists as allowlist_admin
 from caracald.admin import policies as policy_admin
-from caracald.core.events import METERING_TOPIC
 from caracald.store.database import Database
 from tests.e2e.fake_upstream import OPENAI_KEY
-from tests.harness import stop_process, tail
+from tests.harness import stop_process
 from tests.harness.ports import LOOPBACK, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,23 +319,6 @@ class Deployment:
         with psycopg.connect(self.database_url, row_factory=dict_row, autocommit=True) as conn:
             return conn.execute(sql, params).fetchall()
 
-    def topic_end(self, topic: str = METERING_TOPIC) -> int:
-        """Records in ``topic`` (the sum of its partitions' high watermarks)."""
-        from confluent_kafka import Consumer, TopicPartition
-
-        consumer = Consumer(
-            {"bootstrap.servers": self.env.kafka.bootstrap_servers, "group.id": f"drills-{uuid.uuid4().hex}"}
-        )
-        try:
-            meta = consumer.list_topics(topic, timeout=30).topics[topic]
-            total = 0
-            for partition in meta.partitions:
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=30)
-                total += high
-            return total
-        finally:
-            consumer.close()
-
 
 def _answers(url: str) -> bool:
     try:
@@ -356,16 +338,3 @@ def _wait(
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}" + (f":\n{detail()}" if detail else ""))
         time.sleep(0.2)
-
-
-@contextlib.contextmanager
-def running(env: DrillEnv, **options: Any) -> Iterator[Deployment]:
-    deployment = Deployment(env, **options)
-    try:
-        yield deployment.start()
-    finally:
-        deployment.close()
-
-
-def log_tail(path: Path) -> str:
-    return tail(path, 40)
