@@ -48,6 +48,7 @@ from caracald.core.events import MeteringEvent, encode  # noqa: E402
 from caracald.core.ledger import LedgerEventType  # noqa: E402
 from caracald.core.money import Money  # noqa: E402
 from caracald.integrity import keys  # noqa: E402
+from caracald.integrity.sealer import pending_count  # noqa: E402
 from caracald.store.database import Database  # noqa: E402
 from caracald.store.migrate import migrate  # noqa: E402
 
@@ -116,8 +117,7 @@ def ledger_count(url: str) -> int:
 
 def unsealed_count(url: str) -> int:
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM ledger_events WHERE seq IS NULL").fetchone()
-    return int(row[0]) if row else 0
+        return pending_count(conn)[0]
 
 
 def postgres_cpu(url: str) -> float | None:

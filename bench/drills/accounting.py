@@ -190,7 +190,10 @@ def wait_drained(deployment: Deployment, agents: Iterable[uuid.UUID], timeout: f
                 "SELECT idempotency_key FROM ledger_events WHERE agent_id = ANY(%s)", [list(agent_ids)]
             )
         }
-        unsealed = deployment.rows("SELECT count(*) AS n FROM ledger_events WHERE seq IS NULL")[0]["n"]
+        unsealed = deployment.rows(
+            "SELECT count(*) AS n FROM ledger_events"
+            " WHERE seq IS NULL OR seq > COALESCE((SELECT tree_size FROM merkle_state), 0)"
+        )[0]["n"]
         if wanted <= found and unsealed == 0:
             return time.monotonic() - began
         if time.monotonic() - began > timeout:

@@ -107,6 +107,7 @@ def build(
             database_url,
             batch_size=batch_size or 5000,
             statement_timeout_ms=config.database.statement_timeout_ms,
+            seal_batch_size=config.integrity.batch_size,
             **common,
         )
 

@@ -4,10 +4,10 @@ One loop, on either bus (the same code reads Kafka or the embedded event log):
 
 1. poll a batch of records (group ``ledger-writer-group`` on ``caracal.metering.events``);
 2. decode each one; what cannot be decoded (not JSON, unknown schema version, bad fields) is a dead letter;
-3. in **one** PostgreSQL transaction: ``COPY`` the batch straight into ``ledger_events`` (under a savepoint);
-   if some event is recorded already (a replay), undo that and ``COPY`` the batch into a temporary table, then
-   ``INSERT ... SELECT ... ON CONFLICT (idempotency_key) DO NOTHING`` into ``ledger_events``; and record the
-   batch's dead letters in ``dlq_events``;
+3. in **one** PostgreSQL transaction: ``COPY`` the batch into a temporary table, then ``INSERT`` into
+   ``ledger_events`` the events it does not hold yet, each placed in the Merkle tree by the same statement
+   (seq, batch, canonical bytes: :mod:`caracald.integrity.placement`, so that sealing never rewrites a
+   row); and record the batch's dead letters in ``dlq_events``;
 4. publish the dead letters to ``caracal.dlq`` and wait for the bus's acknowledgement;
 5. commit the offsets, only now.
 
@@ -76,6 +76,8 @@ from caracald.core.errors import CaracalError, StoreUnavailableError
 from caracald.core.events import DLQ_TOPIC, METERING_TOPIC, SCHEMA_VERSION, EventDecodeError
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
+from caracald.integrity import placement
+from caracald.integrity.placement import DEFAULT_MAX_BATCH
 from caracald.store import dlq as dlq_store
 from caracald.store.dlq import DeadLetter
 
@@ -107,15 +109,19 @@ _CREATE_STAGING = f"""
 CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} (
     idempotency_key uuid, event_type text, agent_id uuid, request_id uuid, occurred_at timestamptz,
     resource text, model text, input_tokens bigint, output_tokens bigint, cached_input_tokens bigint,
-    cost numeric, currency text, metadata jsonb
+    cost numeric(38, 12), currency char(3), metadata jsonb,
+    ord bigint GENERATED ALWAYS AS IDENTITY  -- arrival order: event ids (and so seqs) follow it
+-- exactly the ledger's column types: the insert encodes these values as the row will hold them
 ) ON COMMIT DELETE ROWS
 """
 _COPY = f"COPY {_STAGING} ({', '.join(COLUMNS)}) FROM STDIN"
-_COPY_DIRECT = f"COPY ledger_events ({', '.join(COLUMNS)}) FROM STDIN"
-_IDEMPOTENCY_KEY = "ledger_events_idempotency_key_key"
-_INSERT = f"""
+#: Events placed in the Merkle tree as they are inserted (caracald.integrity.placement).
+_INSERT_PLACED = placement.insert_sql(_STAGING, COLUMNS)
+#: Without a tree state to place them after (its row deleted): inserted unplaced, for the sealer to refuse
+#: and the verifier to report, rather than not recorded at all.
+_INSERT_UNPLACED = f"""
 INSERT INTO ledger_events ({", ".join(COLUMNS)})
-SELECT {", ".join(COLUMNS)} FROM {_STAGING}
+SELECT {", ".join(COLUMNS)} FROM {_STAGING} ORDER BY ord
 ON CONFLICT (idempotency_key) DO NOTHING
 """
 
@@ -449,7 +455,10 @@ class LedgerWriter:
         dlq_timeout: float = 30.0,
         lag_interval: float = 5.0,
         dlq_stats_interval: float = 15.0,
+        seal_batch_size: int = DEFAULT_MAX_BATCH,
     ) -> None:
+        if seal_batch_size < 1:
+            raise ValueError("a Merkle batch holds at least one event")
         self.consumer = consumer
         self.group = consumer.group
         self.database_url = database_url
@@ -464,6 +473,9 @@ class LedgerWriter:
         self.dlq_timeout = dlq_timeout
         self.lag_interval = lag_interval
         self.dlq_stats_interval = dlq_stats_interval
+        #: Events per Merkle batch (integrity.batch_size): the writer opens a new batch after so many.
+        self.seal_batch_size = seal_batch_size
+        self._sequence: str | None = None  # the identity sequence of ledger_events.event_id
         self.health = Health()
         self._stop = threading.Event()
         self._conn: psycopg.Connection[Any] | None = None
@@ -647,7 +659,9 @@ class LedgerWriter:
                 application_name=f"caracal-ledger-writer:{self.group}",
                 # Offsets are committed once the commit returns: it must be durable by then, whatever the
                 # server's default (an asynchronous commit lost in a crash would lose those events).
-                options=f"-c statement_timeout={self.statement_timeout_ms} -c synchronous_commit=on",
+                # Canonical bytes are computed in the insert, with text as UTF-8 (as the sealer's are).
+                options=f"-c statement_timeout={self.statement_timeout_ms} -c synchronous_commit=on"
+                " -c client_encoding=UTF8",
             )
             try:
                 conn.execute(_CREATE_STAGING)
@@ -693,7 +707,7 @@ class LedgerWriter:
                     if isolate:
                         inserted, rejected = self._insert_isolating(conn, items, max(transient - 1, 0))
                     else:
-                        inserted, rejected = self._insert_new(conn, [line for _, _, line in items]), []
+                        inserted, rejected = self._insert(conn, [line for _, _, line in items]), []
                     dlq_store.insert(conn, [*letters, *rejected])
                 if not self.health.ready:
                     self._set_ready(True)
@@ -725,33 +739,24 @@ class LedgerWriter:
                 self._wait(self.backoff.delay(outages))
                 outages += 1
 
-    def _insert_new(self, conn: psycopg.Connection[Any], lines: list[bytes]) -> int:
-        """Insert a batch: ``COPY`` straight into ``ledger_events`` when none of its events is recorded yet
-        (the usual case, and about a quarter less work for PostgreSQL than staging them), else through the
-        staging table, which skips the recorded ones.
-
-        A recorded event (a replay, a duplicate) makes the direct ``COPY`` fail on the idempotency key: it is
-        undone whole (a savepoint) and the batch goes through the staging table instead. Any other error is
-        raised, as the staging insert would raise it.
-        """
-        if not lines:
-            return 0
-        try:
-            with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_DIRECT) as copy:
-                copy.write(b"".join(lines))
-        except psycopg.errors.UniqueViolation as exc:
-            if exc.diag.constraint_name != _IDEMPOTENCY_KEY:
-                raise
-            return self._insert(conn, lines)
-        return len(lines)  # all of them, or the COPY failed
-
     def _insert(self, conn: psycopg.Connection[Any], lines: list[bytes], *, clear: bool = False) -> int:
+        """Insert a batch through the staging table: the events the ledger does not hold yet, each once,
+        placed in the Merkle tree (seq, batch, canonical bytes) by the same statement."""
         if not lines:
             return 0
         with conn.cursor() as cur:
             with cur.copy(_COPY) as copy:
                 copy.write(b"".join(lines))
-            cur.execute(_INSERT)
+            placement.lock(conn)  # after the COPY: held only for the insert and the commit
+            head = placement.head(conn)
+            if head is None:
+                _log.error("merkle_state has no row: events are recorded without a place in the Merkle tree")
+                cur.execute(_INSERT_UNPLACED)
+            else:
+                if self._sequence is None:
+                    self._sequence = placement.identity_sequence(conn)
+                params = placement.insert_params(head, len(lines), self.seal_batch_size, self._sequence)
+                cur.execute(_INSERT_PLACED, params)
             inserted = max(cur.rowcount, 0)
             if clear:
                 cur.execute(f"TRUNCATE {_STAGING}")

@@ -101,7 +101,10 @@ class PeriodicSealer:
                 connect_timeout=self.connect_timeout,
                 application_name="caracal-ledger-writer-sealer",
             )
-            result = sealer.seal_pending(conn, key, max_batch=self.batch_size, max_age=self.max_age)
+            # wait for the lock: a writer holds it while it inserts, which is most of the time under load
+            result = sealer.seal_pending(
+                conn, key, max_batch=self.batch_size, max_age=self.max_age, wait=True
+            )
         except (psycopg.Error, OSError, CaracalError) as exc:
             self._failed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             return 0

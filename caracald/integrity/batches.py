@@ -12,6 +12,7 @@ from uuid import UUID
 import psycopg
 from psycopg.rows import dict_row, tuple_row
 
+from caracald.core.errors import ConflictError
 from caracald.core.merkle import HASH_SIZE
 
 AnyConnection = psycopg.Connection[Any]
@@ -303,6 +304,12 @@ def record_verification(
         )
 
 
+class IntegrityError(ConflictError):
+    """What is stored contradicts itself or its signatures: the ledger needs verifying."""
+
+    reason = "integrity_failure"
+
+
 @dataclass(frozen=True, slots=True)
 class TreeState:
     origin: str
@@ -315,7 +322,10 @@ class TreeState:
 def state(conn: AnyConnection, *, for_update: bool = False) -> TreeState:
     found = find_state(conn, for_update=for_update)
     if found is None:
-        raise LookupError("merkle_state has no row: the ledger integrity migration did not run")
+        raise IntegrityError(
+            "merkle_state has no row: the tree state was deleted or the ledger integrity migration did not "
+            "run; run 'caracal merkle verify-range'"
+        )
     return found
 
 

@@ -28,17 +28,11 @@ from caracald.core import merkle
 from caracald.core.errors import ConflictError, NotFoundError, ValidationError
 from caracald.core.signing import Checkpoint, SignatureError, VerifyingKey, open_checkpoint
 from caracald.integrity import batches
-from caracald.integrity.batches import AnyConnection
+from caracald.integrity.batches import AnyConnection, IntegrityError
 from caracald.integrity.encoding import EncodingError, decode
 
 INCLUSION_FORMAT: Final = "caracal-inclusion-proof/1"
 CONSISTENCY_FORMAT: Final = "caracal-consistency-proof/1"
-
-
-class IntegrityError(ConflictError):
-    """What is stored contradicts itself or its signatures: the ledger needs verifying."""
-
-    reason = "integrity_failure"
 
 
 # --------------------------------------------------------------------------- nodes from a frontier
@@ -280,6 +274,10 @@ def inclusion_proof(
     seq = int(row["seq"])
     canonical = bytes(row["canonical"])
     batch = batches.get(conn, row["merkle_root_id"], with_leaves=True)
+    if batch is None and (state := batches.find_state(conn)) is not None and seq > state.tree_size:
+        raise ConflictError(
+            f"ledger event {event_id} is not sealed yet: its batch is still open (caracal merkle seal)"
+        )
     if batch is None or not batch.first_seq <= seq <= batch.last_seq or batch.leaf_hashes is None:
         raise IntegrityError(f"event {event_id} names batch {row['merkle_root_id']}, which does not hold it")
     leaves = batches.split_hashes(batch.leaf_hashes)

@@ -1,19 +1,20 @@
-"""Sealing: unsealed ledger events into signed, chained Merkle batches.
+"""Sealing: placed or unsealed ledger events into signed, chained Merkle batches.
 
-:func:`seal_pending` is what a ledger writer calls after committing events (and what ``caracal merkle
-seal`` runs). Each batch is sealed in one transaction under a transaction-scoped advisory lock, so any
-number of writers may call it at once: one seals, the others return at once (``busy``), and nothing is
-sealed twice. Per batch it
+:func:`seal_pending` is what a ledger writer runs periodically (and what ``caracal merkle seal`` runs).
+Each batch is sealed in one transaction under the placing and sealing advisory lock
+(:mod:`caracald.integrity.placement`), so any number of writers may call it at once: one seals, the others
+return at once (``busy``), and nothing is sealed twice. Per batch it
 
-1. closes a batch only when ``max_batch`` events wait, or the oldest waiting one was recorded more than
-   ``max_age`` ago;
-2. in one ``UPDATE``, gives the next unsealed events (in ``event_id`` order) the next seqs -- gap-free across
-   batches -- the batch id, and their canonical bytes, which PostgreSQL computes from the columns
-   (:func:`caracald.integrity.encoding.canonical_sql`) and returns to be hashed;
-3. extends the tree kept in ``merkle_state`` by their leaf hashes, and computes the consistency proof
-   from the previous checkpoint;
-4. signs the checkpoint (a C2SP signed note: origin, tree size, root, time, batch id);
-5. stores the batch (with its starting frontier and its leaf hashes) and the extended tree.
+1. finds the next batch: the one the ledger writer placed the next events in (their seq, batch and
+   canonical bytes written with them), due when it is full, a later batch has begun, or its oldest event
+   was recorded more than ``max_age`` ago; or else, for events inserted without a place, the next
+   ``max_batch`` of them, due when so many wait or the oldest is ``max_age`` old, which one ``UPDATE``
+   places (in ``event_id`` order, PostgreSQL computing their canonical bytes from the columns,
+   :func:`caracald.integrity.encoding.canonical_sql`);
+2. reads their canonical bytes in seq order (gap-free after the last batch), hashes their leaves, extends
+   the tree kept in ``merkle_state``, and computes the consistency proof from the previous checkpoint;
+3. signs the checkpoint (a C2SP signed note: origin, tree size, root, time, batch id);
+4. stores the batch (with its starting frontier and its leaf hashes) and the extended tree.
 
 It refuses to seal when ``merkle_state`` disagrees with the last batch, or the key is not the recorded,
 unretired one: signing on top of a tampered tree would launder the tampering.
@@ -26,7 +27,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from psycopg.rows import dict_row, tuple_row
 
@@ -34,10 +35,10 @@ from caracald.core import merkle
 from caracald.core.errors import ValidationError
 from caracald.core.signing import Checkpoint, SigningKey, sign_checkpoint
 from caracald.integrity import batches, keys, metrics
-from caracald.integrity.batches import AnyConnection
+from caracald.integrity.batches import AnyConnection, IntegrityError
 from caracald.integrity.encoding import canonical_sql
+from caracald.integrity.placement import DEFAULT_MAX_BATCH, SEAL_LOCK_KEY
 from caracald.integrity.proofs import (
-    IntegrityError,
     PartialTree,
     block_hashes,
     extend_frontier,
@@ -45,10 +46,6 @@ from caracald.integrity.proofs import (
 )
 from caracald.runtime.config import CaracalConfig
 
-#: Serialises sealers (the event log uses 0x0CA7E100, migrations 0x0CA7AC41, the audit chain 0x0CA7A0D1).
-SEAL_LOCK_KEY: Final = 0x0CA7B47C
-
-DEFAULT_MAX_BATCH: Final = 1000
 DEFAULT_MAX_AGE: Final = timedelta(minutes=5)
 
 # Seal the next unsealed events in event_id order: their seqs follow the tree, and PostgreSQL computes each
@@ -118,6 +115,29 @@ def _check_state(conn: AnyConnection, state: batches.TreeState) -> batches.Batch
     return last
 
 
+def _placed_batch(
+    conn: AnyConnection, state: batches.TreeState | None, *, max_batch: int, max_age: timedelta, now: datetime
+) -> tuple[uuid.UUID, bool] | None:
+    """The first batch the writer placed events in that is not sealed yet, and whether it is due: full, a
+    later batch begun, or its oldest event ``max_age`` old. None when no placed event waits."""
+    if state is None:
+        return None
+    with conn.cursor(row_factory=tuple_row) as cur:
+        first = cur.execute(
+            "SELECT merkle_root_id FROM ledger_events WHERE seq = %s", (state.tree_size + 1,)
+        ).fetchone()
+        if first is None:
+            return None
+        batch_id = first[0]
+        count, oldest, last = cur.execute(
+            "SELECT count(*), min(recorded_at), max(seq) FROM ledger_events WHERE merkle_root_id = %s",
+            (batch_id,),
+        ).fetchone() or (0, None, None)
+        later = cur.execute("SELECT 1 FROM ledger_events WHERE seq > %s LIMIT 1", (last,)).fetchone()
+    due = count >= max_batch or later is not None or (oldest is not None and oldest <= now - max_age)
+    return batch_id, due
+
+
 def _seal_one(
     conn: AnyConnection, key: SigningKey, *, max_batch: int, max_age: timedelta, now: datetime, wait: bool
 ) -> SealedBatch | bool | None:
@@ -128,6 +148,22 @@ def _seal_one(
         got = cur.execute(f"SELECT {lock}(%s)", (SEAL_LOCK_KEY,)).fetchone()
         if not wait and not (got and got[0]):
             return False
+    placed = _placed_batch(conn, batches.find_state(conn), max_batch=max_batch, max_age=max_age, now=now)
+    if placed is not None:
+        batch_id, due = placed
+        if not due:
+            return None
+        keys.check_signing_key(conn, key)
+        state = batches.state(conn, for_update=True)
+        _check_state(conn, state)
+        with conn.cursor(row_factory=tuple_row) as cur:
+            rows = cur.execute(
+                "SELECT seq, canonical, occurred_at FROM ledger_events"
+                " WHERE merkle_root_id = %s ORDER BY seq",
+                (batch_id,),
+            ).fetchall()
+        return _close(conn, key, state, batch_id, rows, now, started)
+    with conn.cursor(row_factory=tuple_row) as cur:
         peek = cur.execute(
             "SELECT count(*), min(recorded_at) FROM"
             " (SELECT recorded_at FROM ledger_events WHERE seq IS NULL ORDER BY event_id LIMIT %s) p",
@@ -141,17 +177,34 @@ def _seal_one(
     state = batches.state(conn, for_update=True)
     _check_state(conn, state)
 
-    base = state.tree_size
     batch_id = uuid.uuid4()
     with conn.cursor(row_factory=tuple_row) as cur:
         # text columns reach the canonical bytes as UTF-8 whatever the session's encoding
         cur.execute("SET LOCAL client_encoding TO 'UTF8'")
-        rows = cur.execute(_SEAL_ROWS, {"base": base, "limit": max_batch, "batch": batch_id}).fetchall()
+        rows = cur.execute(
+            _SEAL_ROWS, {"base": state.tree_size, "limit": max_batch, "batch": batch_id}
+        ).fetchall()
     if not rows:
         return None
+    return _close(conn, key, state, batch_id, rows, now, started)
+
+
+def _close(
+    conn: AnyConnection,
+    key: SigningKey,
+    state: batches.TreeState,
+    batch_id: uuid.UUID,
+    rows: list[tuple[Any, ...]],
+    now: datetime,
+    started: float,
+) -> SealedBatch:
+    """Seal the placed ``rows`` (seq, canonical bytes, occurred_at) as batch ``batch_id`` on top of
+    ``state``: hash their leaves, extend the tree, sign the checkpoint, store the batch and the tree."""
+    base = state.tree_size
     rows.sort(key=lambda r: r[0])
-    if rows[0][0] != base + 1 or rows[-1][0] != base + len(rows):
-        raise IntegrityError(f"sealing batch {batch_id}: seqs {rows[0][0]}..{rows[-1][0]} after {base}")
+    if not rows or rows[0][0] != base + 1 or rows[-1][0] != base + len(rows):
+        span = f"{rows[0][0]}..{rows[-1][0]}" if rows else "none"
+        raise IntegrityError(f"sealing batch {batch_id}: seqs {span} after {base}, not gap-free")
     canonicals = [bytes(r[1]) for r in rows]
     times = [r[2] for r in rows]
     leaves = merkle.leaf_hashes(canonicals)
@@ -239,10 +292,14 @@ def seal_pending(
 
 
 def pending_count(conn: AnyConnection) -> tuple[int, datetime | None]:
-    """How many events wait for a batch, and when the oldest of them was recorded."""
+    """How many events wait for a batch to be sealed (placed in an open one, or not placed yet), and when
+    the oldest of them was recorded."""
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(
-            "SELECT count(*) AS n, min(recorded_at) AS oldest FROM ledger_events WHERE seq IS NULL"
+            """
+            SELECT count(*) AS n, min(recorded_at) AS oldest FROM ledger_events
+             WHERE seq IS NULL OR seq > COALESCE((SELECT tree_size FROM merkle_state), 0)
+            """
         ).fetchone()
     assert row is not None
     return int(row["n"]), row["oldest"]

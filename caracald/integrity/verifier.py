@@ -1007,7 +1007,9 @@ def _batches_for_range(conn: AnyConnection, start: datetime, end: datetime) -> l
             # OFFSET 0: read the time index (occurred_at, seq) over the range, not the seq index from each
             # end filtering on time (the planner's min/max shortcut, hopeless for a narrow range)
             "SELECT min(s), max(s) FROM"
-            " (SELECT seq AS s FROM ledger_events WHERE occurred_at >= %s AND occurred_at <= %s OFFSET 0) t",
+            " (SELECT seq AS s FROM ledger_events WHERE occurred_at >= %s AND occurred_at <= %s OFFSET 0) t"
+            # seqs past the last batch wait for theirs to close (_outside_batches checks them)
+            " WHERE s <= (SELECT max(tree_size) FROM merkle_batches)",
             (start, end),
         ).fetchone()
         bounds = [int(v) for v in row or () if v is not None]
@@ -1048,6 +1050,22 @@ def _check_next(conn: AnyConnection, walk: _Walk, report: Report) -> None:
         report.add(p)
 
 
+# Events past the last batch (placed by the writer in a batch still open) that cannot be that: naming a
+# sealed batch, not encoded from their columns, or waiting longer than sealing takes.
+_PLACED_PROBLEMS: Final = f"""
+SELECT e.event_id, e.seq, e.merkle_root_id, e.recorded_at,
+       EXISTS (SELECT 1 FROM merkle_batches b WHERE b.batch_id = e.merkle_root_id) AS sealed_batch,
+       e.canonical IS DISTINCT FROM {CANONICAL_SQL} AS mismatch
+  FROM ledger_events e
+ WHERE e.seq > %(last)s
+   AND (e.recorded_at < %(stale)s
+        OR EXISTS (SELECT 1 FROM merkle_batches b WHERE b.batch_id = e.merkle_root_id)
+        OR e.canonical IS DISTINCT FROM {CANONICAL_SQL})
+ ORDER BY e.seq
+ LIMIT %(limit)s
+"""
+
+
 def _outside_batches(
     conn: AnyConnection,
     report: Report,
@@ -1062,9 +1080,13 @@ def _outside_batches(
             "SELECT event_id, seq, merkle_root_id FROM ledger_events WHERE seq < 1 ORDER BY seq LIMIT %s",
             (MAX_PROBLEMS_PER_BATCH,),
         ).fetchall()
+        # Past the last batch: events the writer placed in a batch that is still open. They must follow
+        # it without a gap and be younger than sealing takes.
+        placed = cur.execute(
+            "SELECT count(*) AS n, max(seq) AS top FROM ledger_events WHERE seq > %s", (last_seq,)
+        ).fetchone()
         beyond = cur.execute(
-            "SELECT event_id, seq, merkle_root_id FROM ledger_events WHERE seq > %s ORDER BY seq LIMIT %s",
-            (last_seq, MAX_PROBLEMS_PER_BATCH),
+            _PLACED_PROBLEMS, {"last": last_seq, "stale": stale_before, "limit": MAX_PROBLEMS_PER_BATCH}
         ).fetchall()
         half = cur.execute(
             "SELECT event_id, merkle_root_id FROM ledger_events"
@@ -1074,8 +1096,8 @@ def _outside_batches(
         ).fetchall()
         waiting = cur.execute(
             "SELECT count(*) AS n FROM ledger_events"
-            " WHERE seq IS NULL AND occurred_at >= %s AND occurred_at <= %s",
-            (start, end),
+            " WHERE (seq IS NULL OR seq > %s) AND occurred_at >= %s AND occurred_at <= %s",
+            (last_seq, start, end),
         ).fetchone()
         stale = cur.execute(
             "SELECT event_id, recorded_at FROM ledger_events"
@@ -1093,12 +1115,33 @@ def _outside_batches(
                 int(r["seq"]),
             )
         )
+    if placed is not None and placed["n"] and placed["n"] != placed["top"] - last_seq:
+        report.add(
+            Problem(
+                "unbatched_event",
+                f"{placed['n']} event(s) wait for a batch at seqs {last_seq + 1}..{placed['top']}: "
+                "seqs past the last batch must follow it without a gap",
+                None,
+                None,
+                last_seq + 1,
+            )
+        )
     for r in beyond:
+        recorded = r["recorded_at"].astimezone(UTC)
+        if r["sealed_batch"]:
+            why = f"names batch {r['merkle_root_id']}, which is sealed without it"
+        elif r["mismatch"]:
+            why = "its canonical bytes are not the encoding of its columns"
+        else:
+            why = (
+                f"it was recorded at {recorded:%Y-%m-%dT%H:%M:%SZ}, longer ago than sealing takes, and is "
+                "still in no batch"
+            )
         report.add(
             Problem(
                 "unbatched_event",
                 f"event {r['event_id']} has seq {r['seq']}, past the last batch (seq {last_seq}): "
-                "it is in no batch",
+                f"it is in no batch ({why})",
                 r["merkle_root_id"],
                 int(r["event_id"]),
                 int(r["seq"]),
@@ -1269,7 +1312,7 @@ def check_trusted(conn: AnyConnection, note: str, keys: Sequence[VerifyingKey], 
         return
     try:
         path = proofs.consistency_between(conn, trusted.tree_size, latest.tree_size)
-    except (NotFoundError, ValidationError, LookupError) as exc:
+    except (NotFoundError, ValidationError, LookupError, batches.IntegrityError) as exc:
         report.add(
             Problem(
                 "rewrite", f"cannot prove the ledger extends the trusted checkpoint: {exc}", latest.batch_id
@@ -1399,6 +1442,13 @@ def verify_event(
         return _finish(report, started)
     batch_id = UUID(bytes=row.merkle_root_id)
     if found_batch is None:
+        fresh = recorded_at >= (now or datetime.now(UTC)) - unsealed_grace
+        state = batches.find_state(conn)
+        if fresh and state is not None and seq > state.tree_size:
+            raise ConflictError(
+                f"ledger event {event_id} is not sealed yet: its batch {batch_id} is still open (it closes "
+                "when full or when its oldest event is old enough; 'caracal merkle seal' closes it now)"
+            )
         report.add(
             Problem(
                 "unbatched_event",

@@ -24,6 +24,7 @@ from caracald.bus.base import RecordProducer, event_headers
 from caracald.core.events import AUDIT_TOPIC, METERING_TOPIC, MeteringEvent, encode
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
+from caracald.integrity.sealer import pending_count
 
 ROOT = Path(__file__).resolve().parents[2]
 CARACALD = Path(sys.executable).parent / "caracald"
@@ -142,6 +143,12 @@ def ledger_keys(url: str) -> list[uuid.UUID]:
     return [
         r["idempotency_key"] for r in rows(url, "SELECT idempotency_key FROM ledger_events ORDER BY event_id")
     ]
+
+
+def unsealed_count(url: str) -> int:
+    """Events in no sealed Merkle batch yet (placed in an open batch, or not placed)."""
+    with psycopg.connect(url) as conn:
+        return pending_count(conn)[0]
 
 
 def ledger_count(url: str) -> int:

@@ -37,6 +37,7 @@ from tests.integration.pipeline import (
     rows,
     send_events,
     stop_daemon,
+    unsealed_count,
     wait_for,
     write_config,
 )
@@ -260,9 +261,7 @@ def test_the_ledger_writer_seals_what_it_writes_once_a_key_exists(tmp_path: Path
         cli = Cli(database_url, env={"CARACAL_CONFIG": str(config)})
         cli.ok("merkle", "generate-key")  # picked up on the next round, no restart
         wait_for(
-            lambda: (
-                rows(database_url, "SELECT count(*) AS n FROM ledger_events WHERE seq IS NULL")[0]["n"] == 0
-            ),
+            lambda: unsealed_count(database_url) == 0,
             what="every event sealed",
         )
         assert stop_daemon(proc, signal.SIGTERM) == 0

@@ -447,6 +447,29 @@ def test_a_proof_against_a_trusted_checkpoint(
     assert "consistency" in result.stdout
 
 
+def test_a_proof_over_a_tampered_tree_is_refused_cleanly(
+    mcli: Cli, db: Database, sealed: list[str], tmp_path: Path
+) -> None:
+    remembered = tmp_path / "remembered"
+    with db.read() as conn:
+        note = conn.execute(
+            "SELECT checkpoint FROM merkle_batches WHERE batch_id = %s", (sealed[0],)
+        ).fetchone()
+    remembered.write_text(note["checkpoint"])
+    # the batch after the trusted checkpoint and the tree state gone (the guard trigger off, as a
+    # superuser could): no frontier to prove the later checkpoint from
+    with db.transaction() as conn:
+        conn.execute("ALTER TABLE merkle_batches DISABLE TRIGGER merkle_batches_immutable")
+        conn.execute("DELETE FROM merkle_batches WHERE batch_id = %s", (sealed[1],))
+        conn.execute("ALTER TABLE merkle_batches ENABLE TRIGGER merkle_batches_immutable")
+        conn.execute("DELETE FROM merkle_state")
+    event = event_ids(db)[2200]  # in the third batch
+    result = mcli("merkle", "prove", "--event-id", str(event), "--trusted-checkpoint", str(remembered))
+    assert result.exit_code != 0  # an exception escaping the command would fail the test here instead
+    assert "merkle_state has no row" in result.stdout + result.stderr
+    assert "merkle verify-range" in result.stdout + result.stderr
+
+
 # --------------------------------------------------------------------------- rotation
 
 

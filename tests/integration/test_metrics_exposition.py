@@ -48,10 +48,10 @@ from tests.integration.pipeline import (
     event_log_committed,
     event_log_end,
     make_events,
-    rows,
     send_events,
     start_daemon,
     stop_daemon,
+    unsealed_count,
     wait_for,
     write_config,
 )
@@ -239,7 +239,7 @@ def scrapes(
                     what=f"{daemon} to drain {topic}",
                 )
             wait_for(
-                lambda: rows(url, "SELECT count(*) AS n FROM ledger_events WHERE seq IS NULL")[0]["n"] == 0,
+                lambda: unsealed_count(url) == 0,
                 what="every ledger event sealed",
             )
             for daemon in CONSUMERS:

@@ -27,7 +27,15 @@ from caracald.core.events import MeteringEvent
 from tests.clitools import block
 from tests.harness.kafka import KafkaService
 from tests.integration.conftest import Cli
-from tests.integration.pipeline import dead_letters, make_events, rows, send_events, totals, wait_for
+from tests.integration.pipeline import (
+    dead_letters,
+    make_events,
+    rows,
+    send_events,
+    totals,
+    unsealed_count,
+    wait_for,
+)
 from tests.integration.test_services_local import DAEMON
 
 pytestmark = pytest.mark.integration
@@ -101,7 +109,7 @@ def ledger(url: str) -> list[dict[str, Any]]:
 
 
 def unsealed(url: str) -> int:
-    return int(rows(url, "SELECT count(*) AS n FROM ledger_events WHERE seq IS NULL")[0]["n"])
+    return unsealed_count(url)
 
 
 def batches(url: str) -> int:
