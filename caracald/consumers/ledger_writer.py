@@ -115,8 +115,11 @@ CREATE TEMPORARY TABLE IF NOT EXISTS {_STAGING} (
 ) ON COMMIT DELETE ROWS
 """
 _COPY = f"COPY {_STAGING} ({', '.join(COLUMNS)}) FROM STDIN"
-#: Events placed in the Merkle tree as they are inserted (caracald.integrity.placement).
-_INSERT_PLACED = placement.insert_sql(_STAGING, COLUMNS)
+#: Events placed in the Merkle tree as they are inserted (caracald.integrity.placement): all of them, or (when
+#: some are recorded already: a replay, a duplicate) those not recorded yet, each once.
+_INSERT_PLACED = placement.insert_sql(_STAGING, COLUMNS, skip_recorded=False)
+_INSERT_PLACED_NEW = placement.insert_sql(_STAGING, COLUMNS, skip_recorded=True)
+_IDEMPOTENCY_KEY = "ledger_events_idempotency_key_key"
 #: Without a tree state to place them after (its row deleted): inserted unplaced, for the sealer to refuse
 #: and the verifier to report, rather than not recorded at all.
 _INSERT_UNPLACED = f"""
@@ -756,7 +759,13 @@ class LedgerWriter:
                 if self._sequence is None:
                     self._sequence = placement.identity_sequence(conn)
                 params = placement.insert_params(head, len(lines), self.seal_batch_size, self._sequence)
-                cur.execute(_INSERT_PLACED, params)
+                try:
+                    with conn.transaction():
+                        cur.execute(_INSERT_PLACED, params)
+                except psycopg.errors.UniqueViolation as exc:
+                    if exc.diag.constraint_name != _IDEMPOTENCY_KEY:
+                        raise
+                    cur.execute(_INSERT_PLACED_NEW, params)
             inserted = max(cur.rowcount, 0)
             if clear:
                 cur.execute(f"TRUNCATE {_STAGING}")

@@ -76,22 +76,29 @@ def head(conn: AnyConnection) -> Head | None:
     return Head(sealed, int(top), open_batch, int(top) - int(open_first) + 1)
 
 
-def insert_sql(staging: str, columns: tuple[str, ...]) -> str:
+def insert_sql(staging: str, columns: tuple[str, ...], *, skip_recorded: bool) -> str:
     """``INSERT`` the events of the temporary table ``staging`` (its ``columns`` plus an ``ord`` column in
-    arrival order) that the ledger does not hold yet, each once, placed after ``%(top)s``: the first
-    ``%(room)s`` in batch ``%(open)s``, the rest ``%(max_batch)s`` to a batch, in the batches of
-    ``%(new_batches)s`` in turn. Returns the inserted seqs."""
+    arrival order), placed after ``%(top)s``: the first ``%(room)s`` in batch ``%(open)s``, the rest
+    ``%(max_batch)s`` to a batch, in the batches of ``%(new_batches)s`` in turn.
+
+    With ``skip_recorded``, only those the ledger does not hold yet, each once; without, all of them (a
+    recorded one fails the statement on the idempotency key: cheaper when none is, the usual case)."""
     cols = ", ".join(columns)
     picked = ", ".join(f"e.{c}" for c in columns)
+    fresh = (
+        f"""SELECT DISTINCT ON (b.idempotency_key) b.*
+              FROM {staging} b
+             WHERE NOT EXISTS (SELECT 1 FROM ledger_events o WHERE o.idempotency_key = b.idempotency_key)
+             ORDER BY b.idempotency_key, b.ord"""
+        if skip_recorded
+        else f"SELECT * FROM {staging}"
+    )
+    # ids drawn in arrival order (once per row: the CTE is materialised), seqs numbered in id order
     return f"""
-WITH fresh AS MATERIALIZED (
-    SELECT DISTINCT ON (b.idempotency_key) b.*
-      FROM {staging} b
-     WHERE NOT EXISTS (SELECT 1 FROM ledger_events o WHERE o.idempotency_key = b.idempotency_key)
-     ORDER BY b.idempotency_key, b.ord
-), ided AS MATERIALIZED (
+WITH ided AS MATERIALIZED (
     SELECT nextval(%(sequence)s::regclass) AS event_id, f.*
-      FROM (SELECT * FROM fresh ORDER BY ord) f
+      FROM ({fresh}) f
+     ORDER BY f.ord
 ), placed AS (
     SELECT i.*, %(top)s::bigint + row_number() OVER (ORDER BY i.event_id) AS seq FROM ided i
 )
@@ -103,7 +110,6 @@ SELECT e.event_id, {picked}, e.seq,
        END,
        {canonical_sql("e")}
   FROM placed e
-RETURNING seq
 """
 
 
