@@ -279,10 +279,13 @@ def drain(
     dlq_producer: KafkaProducer,
     dlq_topic: str,
     batch_size: int,
+    seal_batch: int,
     idle_exit: float = 3.0,
 ) -> tuple[float, float]:
     """One ledger writer drains the consumer's topic: (wall time of its first records, of its last commit)."""
-    writer = LedgerWriter(consumer, url, dlq_producer, dlq_topic=dlq_topic, batch_size=batch_size)
+    writer = LedgerWriter(
+        consumer, url, dlq_producer, dlq_topic=dlq_topic, batch_size=batch_size, seal_batch_size=seal_batch
+    )
     writer.run(idle_exit=idle_exit)
     writer.close()
     finished = writer.health.last_commit or time.time()
@@ -326,7 +329,7 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
         cpu_before = (own_cpu(), postgres_cpu(url))
         if sealer is not None:
             sealer.start()
-        started, finished = drain(consumer, url, producer, dlq_topic, args.batch_size)
+        started, finished = drain(consumer, url, producer, dlq_topic, args.batch_size, args.seal_batch)
         producer.close()
         seconds = finished - started
         applied = ledger_count(url)
@@ -338,9 +341,11 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
             sealed_at = wait_sealed(url, sealer, args.seal_batch)
             sealer.stop()
             left = unsealed_count(url)
+            sealed_rate = (applied - left) / (sealed_at - started)
             print(
                 f"sealed: {applied - left:,} events in batches of {args.seal_batch:,} "
-                f"{sealed_at - started:.1f} s after the first poll; {left:,} wait for their batch to fill"
+                f"{sealed_at - started:.1f} s after the first poll = {sealed_rate:,.0f} events/s written and "
+                f"sealed (target {TARGET:,}); {left:,} wait for their batch to fill"
                 + (f"; sealing failed: {sealer.last_error}" if sealer.last_error else "")
             )
         print(f"load average during the drain: {load.stop()}")
