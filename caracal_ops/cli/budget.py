@@ -12,7 +12,6 @@ from caracal_ops.cli.output import FORMAT_OPTION, OutputFormat, emit_json, emit_
 from caracald.admin import budget as budget_admin
 from caracald.admin.common import now
 from caracald.budget.base import Scope, ScopeStatus
-from caracald.budget.redis_backend import RedisBudget
 from caracald.core.agents import parse_uuid
 from caracald.core.errors import ValidationError
 
@@ -29,6 +28,8 @@ def _redis_url(cli: CliState) -> str:
 
 
 async def _redis_status(cli: CliState, scopes: list[Scope]) -> list[ScopeStatus]:
+    from caracald.budget.redis_backend import RedisBudget  # redis loads only for the commands that use it
+
     budget = RedisBudget.from_url(_redis_url(cli))
     try:
         return await budget.status(scopes, now())
@@ -110,6 +111,8 @@ def rebuild(ctx: typer.Context) -> None:
     totals = budget_admin.ledger_totals(cli.db, scopes, now())
 
     async def apply() -> None:
+        from caracald.budget.redis_backend import RedisBudget
+
         budget = RedisBudget.from_url(_redis_url(cli))
         try:
             await budget.rebuild(totals)

@@ -13,10 +13,10 @@ Every command built on a :class:`~caracal_ops.procedures.framework.Plan` behaves
 from __future__ import annotations
 
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from caracal_ops.cli.context import EXIT_FAILED, EXIT_UNAVAILABLE, CliState, fail, state
 from caracal_ops.procedures.audit import DatabaseAuditSink
@@ -38,6 +38,10 @@ DRY_RUN_OPTION = typer.Option(
     False, "--dry-run", help="Only print the plan (the default for destructive procedures)."
 )
 YES_OPTION = typer.Option(False, "--yes", "-y", help="Do not ask for the typed confirmation.")
+
+
+if TYPE_CHECKING:  # rich.progress loads when a bar is first shown
+    from rich.progress import Progress, TaskID
 
 
 class CliProgress:
@@ -70,6 +74,14 @@ class CliProgress:
         if event.kind is EventKind.STEP_STARTED and step is not None:
             self._print(f"[{event.index}/{event.total}] {step.description}")
             if step.long_running and self.console.is_terminal:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeElapsedColumn,
+                )
+
                 self._progress = Progress(
                     TextColumn("      {task.description}"),
                     BarColumn(),
