@@ -48,9 +48,10 @@ class Head:
         return max(max_batch - self.open_count, 0) if self.open_batch is not None else 0
 
 
+# count(*), not min(seq): the planner would answer a min by walking the seq index from its start.
 _HEAD = """
 SELECT s.tree_size, t.seq, t.merkle_root_id,
-       (SELECT min(o.seq) FROM ledger_events o WHERE o.merkle_root_id = t.merkle_root_id) AS open_first
+       (SELECT count(*) FROM ledger_events o WHERE o.merkle_root_id = t.merkle_root_id) AS open_count
   FROM merkle_state s
   LEFT JOIN LATERAL (
         SELECT seq, merkle_root_id FROM ledger_events WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1
@@ -70,10 +71,10 @@ def head(conn: AnyConnection) -> Head | None:
         row = cur.execute(_HEAD).fetchone()
     if row is None:
         return None
-    sealed, top, open_batch, open_first = int(row[0]), row[1], row[2], row[3]
+    sealed, top, open_batch, open_count = int(row[0]), row[1], row[2], int(row[3])
     if top is None or top <= sealed:
         return Head(sealed, max(sealed, top or 0), None, 0)
-    return Head(sealed, int(top), open_batch, int(top) - int(open_first) + 1)
+    return Head(sealed, int(top), open_batch, open_count)
 
 
 def insert_sql(staging: str, columns: tuple[str, ...], *, skip_recorded: bool) -> str:

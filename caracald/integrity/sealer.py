@@ -295,10 +295,14 @@ def pending_count(conn: AnyConnection) -> tuple[int, datetime | None]:
     """How many events wait for a batch to be sealed (placed in an open one, or not placed yet), and when
     the oldest of them was recorded."""
     with conn.cursor(row_factory=dict_row) as cur:
+        # each part a range of an index: the unplaced ones, and the placed ones past the last batch
         row = cur.execute(
             """
-            SELECT count(*) AS n, min(recorded_at) AS oldest FROM ledger_events
-             WHERE seq IS NULL OR seq > COALESCE((SELECT tree_size FROM merkle_state), 0)
+            WITH s AS (SELECT COALESCE((SELECT tree_size FROM merkle_state), 0) AS sealed)
+            SELECT (SELECT count(*) FROM ledger_events WHERE seq IS NULL)
+                   + (SELECT count(*) FROM ledger_events, s WHERE seq > s.sealed) AS n,
+                   LEAST((SELECT min(recorded_at) FROM ledger_events WHERE seq IS NULL),
+                         (SELECT min(recorded_at) FROM ledger_events, s WHERE seq > s.sealed)) AS oldest
             """
         ).fetchone()
     assert row is not None
