@@ -115,6 +115,14 @@ def _check_state(conn: AnyConnection, state: batches.TreeState) -> batches.Batch
     return last
 
 
+def _signable_state(conn: AnyConnection, key: SigningKey) -> batches.TreeState:
+    """The tree state to extend, locked, once the key and the state are fit to sign on top of."""
+    keys.check_signing_key(conn, key)
+    state = batches.state(conn, for_update=True)
+    _check_state(conn, state)
+    return state
+
+
 def _placed_batch(
     conn: AnyConnection, state: batches.TreeState | None, *, max_batch: int, max_age: timedelta, now: datetime
 ) -> tuple[uuid.UUID, bool] | None:
@@ -153,9 +161,7 @@ def _seal_one(
         batch_id, due = placed
         if not due:
             return None
-        keys.check_signing_key(conn, key)
-        state = batches.state(conn, for_update=True)
-        _check_state(conn, state)
+        state = _signable_state(conn, key)
         with conn.cursor(row_factory=tuple_row) as cur:
             rows = cur.execute(
                 "SELECT seq, canonical, occurred_at FROM ledger_events"
@@ -173,10 +179,7 @@ def _seal_one(
     pending, oldest = int(peek[0]), peek[1]
     if pending == 0 or (pending < max_batch and oldest > now - max_age):
         return None
-    keys.check_signing_key(conn, key)
-    state = batches.state(conn, for_update=True)
-    _check_state(conn, state)
-
+    state = _signable_state(conn, key)
     batch_id = uuid.uuid4()
     with conn.cursor(row_factory=tuple_row) as cur:
         # text columns reach the canonical bytes as UTF-8 whatever the session's encoding

@@ -398,17 +398,22 @@ def test_consistency_proof_round_trip(mcli: Cli, offline: Cli, sealed: list[str]
     assert wrong_way.exit_code == 2
 
 
+def remember(db: Database, batch_id: str, path: Path) -> Path:
+    """Write a batch's signed checkpoint to ``path``, as a verifier keeps one it trusted."""
+    with db.read() as conn:
+        note = conn.execute(
+            "SELECT checkpoint FROM merkle_batches WHERE batch_id = %s", (batch_id,)
+        ).fetchone()
+    path.write_text(note["checkpoint"])
+    return path
+
+
 def test_a_proof_against_a_trusted_checkpoint(
     mcli: Cli, offline: Cli, db: Database, sealed: list[str], tmp_path: Path
 ) -> None:
     public = tmp_path / "ledger.pub"
     offline.ok("merkle", "export-public-key", "--output", str(public))
-    remembered = tmp_path / "remembered"
-    with db.read() as conn:
-        note = conn.execute(
-            "SELECT checkpoint FROM merkle_batches WHERE batch_id = %s", (sealed[0],)
-        ).fetchone()
-    remembered.write_text(note["checkpoint"])
+    remembered = remember(db, sealed[0], tmp_path / "remembered")
     event = event_ids(db)[2200]  # in the third batch, newer than the remembered checkpoint
     proof = tmp_path / "proof.json"
     mcli.ok(
@@ -450,12 +455,7 @@ def test_a_proof_against_a_trusted_checkpoint(
 def test_a_proof_over_a_tampered_tree_is_refused_cleanly(
     mcli: Cli, db: Database, sealed: list[str], tmp_path: Path
 ) -> None:
-    remembered = tmp_path / "remembered"
-    with db.read() as conn:
-        note = conn.execute(
-            "SELECT checkpoint FROM merkle_batches WHERE batch_id = %s", (sealed[0],)
-        ).fetchone()
-    remembered.write_text(note["checkpoint"])
+    remembered = remember(db, sealed[0], tmp_path / "remembered")
     # the batch after the trusted checkpoint and the tree state gone (the guard trigger off, as a
     # superuser could): no frontier to prove the later checkpoint from
     with db.transaction() as conn:

@@ -109,6 +109,20 @@ def seal(url: str, key: SigningKey, *, max_age: timedelta = timedelta(minutes=5)
         return seal_pending(conn, key, max_batch=BATCH, max_age=max_age).events
 
 
+def assert_placed_then_sealed(
+    url: str, key: SigningKey, trusted: list[VerifyingKey], sizes: list[int]
+) -> None:
+    """The ledger's events are placed gap-free in batches of ``sizes``; sealing everything pending seals
+    the events not in a batch yet, and the whole ledger verifies."""
+    events = placed(url)
+    assert_gap_free(events)
+    assert batch_sizes(events) == sizes
+    with psycopg.connect(url) as conn:
+        waiting = pending_count(conn)[0]
+    assert seal(url, key, max_age=timedelta(0)) == waiting
+    verify(url, trusted)
+
+
 def test_the_writer_places_events_and_the_sealer_only_closes_batches(
     database_url: str, signing: tuple[SigningKey, list[VerifyingKey]]
 ) -> None:
@@ -143,11 +157,7 @@ def test_the_writer_places_events_and_the_sealer_only_closes_batches(
 
     # the next events open a new batch: the closed one is not reopened
     write(database_url, make_events(agents, 30, start=250))
-    events_now = placed(database_url)
-    assert_gap_free(events_now)
-    assert batch_sizes(events_now) == [100, 100, 50, 30]
-    assert seal(database_url, key, max_age=timedelta(0)) == 30
-    verify(database_url, trusted)
+    assert_placed_then_sealed(database_url, key, trusted, [100, 100, 50, 30])
 
 
 def test_replayed_and_duplicate_events_leave_seqs_gap_free(
@@ -161,12 +171,7 @@ def test_replayed_and_duplicate_events_leave_seqs_gap_free(
     again = [*first[10:40], *first[50:55], *first[50:55], *make_events(agents, 60, start=120)]
     write(database_url, again)
 
-    events = placed(database_url)
-    assert len(events) == 180
-    assert_gap_free(events)
-    assert batch_sizes(events) == [100, 80]
-    assert seal(database_url, key, max_age=timedelta(0)) == 180
-    verify(database_url, trusted)
+    assert_placed_then_sealed(database_url, key, trusted, [100, 80])
 
 
 def test_writers_placing_at_once_share_one_gap_free_tree(
@@ -187,12 +192,7 @@ def test_writers_placing_at_once_share_one_gap_free_tree(
     for t in threads:
         t.join(120)
 
-    events = placed(database_url)
-    assert len(events) == 800
-    assert_gap_free(events)
-    assert batch_sizes(events) == [100] * 8
-    assert seal(database_url, key) == 800
-    verify(database_url, trusted)
+    assert_placed_then_sealed(database_url, key, trusted, [100] * 8)
 
 
 def test_events_inserted_without_a_place_are_sealed_too(
