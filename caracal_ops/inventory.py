@@ -17,9 +17,10 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -39,7 +40,7 @@ from caracald.core.errors import CaracalError, NotFoundError, StoreUnavailableEr
 from caracald.core.ledger import LedgerEvent, SpendingSummary
 from caracald.core.money import Money
 from caracald.core.policy import PolicyVersion
-from caracald.core.windows import WindowSpec
+from caracald.core.windows import WindowBounds, WindowSpec
 from caracald.store import dlq as dlq_store
 from caracald.store import gateway as gateway_store
 from caracald.store import policies as policy_store
@@ -190,14 +191,64 @@ def catalog(state: CliState, previous: Catalog | None = None) -> Catalog:
     return budget_admin.catalog(state.db, previous)
 
 
-def budgets(state: CliState, at: datetime, *, scopes: Sequence[Scope] | None = None) -> list[BudgetView]:
+def budgets(
+    state: CliState,
+    at: datetime,
+    *,
+    scopes: Sequence[Scope] | None = None,
+    previous: Mapping[uuid.UUID, BudgetView] | None = None,
+) -> list[BudgetView]:
     """Every active policy's limit, settled spend and open holds in the window in force at ``at`` (of
-    ``scopes``, when the caller holds them from a :func:`catalog`)."""
+    ``scopes``, when the caller holds them from a :func:`catalog`).
+
+    ``previous``: views from an earlier call, by policy. One that the new figures would make again is
+    returned itself, so a caller can tell what changed by identity (on a dashboard, most do not)."""
     if budget_source(state) == "redis":
         chosen = list(scopes) if scopes is not None else budget_admin.all_scopes(state.db)
         return [_view(s) for s in _redis_statuses(state, chosen, at)]
-    statuses = budget_admin.all_ledger_status(state.db, at, hold_ttl=_hold_ttl(state), scopes=scopes)
-    return [_view(s) for s in statuses]
+    figures = budget_admin.all_ledger_figures(state.db, at, hold_ttl=_hold_ttl(state), scopes=scopes)
+    money = budget_admin.ZeroShared()
+    before = previous or {}
+    views = []
+    for scope in figures.scopes:
+        settled, held, holds = figures.totals.get(scope.policy_id, budget_admin.NOTHING)
+        bounds = figures.bounds[scope.window]
+        old = before.get(scope.policy_id)
+        if old is not None and _makes(old, scope, bounds, settled, held, holds):
+            views.append(old)
+            continue
+        currency = scope.limit.currency
+        views.append(
+            BudgetView(
+                policy_id=scope.policy_id,
+                agent_id=scope.agent_id,
+                window=scope.window,
+                window_start=bounds.start,
+                window_end=bounds.end,
+                limit=scope.limit,
+                settled=money(settled, currency),
+                held=money(held, currency),
+                holds=holds,
+            )
+        )
+    return views
+
+
+def _makes(
+    view: BudgetView, scope: Scope, bounds: WindowBounds, settled: Decimal, held: Decimal, holds: int
+) -> bool:
+    """``view`` is what these figures make. Money keeps its amount at the ledger scale, so a figure equal to
+    that amount makes the very same Money (one with finer digits is never equal to it, and is rebuilt)."""
+    return (
+        view.holds == holds
+        and view.settled.amount == settled
+        and view.held.amount == held
+        and view.window_start == bounds.start
+        and view.window_end == bounds.end
+        and view.agent_id == scope.agent_id
+        and (view.limit is scope.limit or view.limit == scope.limit)
+        and (view.window is scope.window or view.window == scope.window)
+    )
 
 
 def agent_budgets(state: CliState, agent_id: uuid.UUID, at: datetime) -> list[BudgetView]:

@@ -9,6 +9,7 @@ screen keeps its last data; no traceback ever reaches the terminal (``CARACAL_DE
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import tempfile
@@ -53,6 +54,8 @@ class Timing:
     render_seconds: float  # on the UI thread: drawing the snapshot
     fetch_cpu: float = 0.0  # the same in CPU time of the thread (what they cost on an idle machine)
     render_cpu: float = 0.0
+    paint_seconds: float = 0.0  # on the UI thread, from drawing to the frame that shows it composed
+    paint_cpu: float = 0.0
 
 
 class CaracalApp(App[None]):
@@ -98,6 +101,9 @@ class CaracalApp(App[None]):
         self.timings: deque[Timing] = deque(maxlen=1000)
         self.loader = Loader(self)
         self._history: list[str] = []
+        #: The collector's thresholds before the app tuned them (None: not tuned, see ``_tune_collector``).
+        self._gc_thresholds: tuple[int, int, int] | None = None
+        self._first_shown = False
         try:
             self.source_label = source.describe()
         except Exception as exc:
@@ -106,11 +112,16 @@ class CaracalApp(App[None]):
     # ------------------------------------------------------------------ life cycle
 
     def on_mount(self) -> None:
+        self._tune_collector()
         self.switch_mode(self.initial_view)
         if self.refresh_seconds > 0:
             self.set_interval(self.refresh_seconds, self.refresh_now, name="refresh")
 
     def on_unmount(self) -> None:
+        if self._gc_thresholds is not None:
+            gc.unfreeze()
+            gc.set_threshold(*self._gc_thresholds)
+            self._gc_thresholds = None
         try:
             self.source.close()
         except Exception as exc:
@@ -134,7 +145,14 @@ class CaracalApp(App[None]):
         if view is not None:
             view.reload()
         if view is None or view.VIEW != "overview":
-            self.loader.load("alerts", self.source.overview)
+            load_alerts = partial(self.loader.load, "alerts", self.source.overview)
+            if view is None:
+                load_alerts()
+            else:
+                # The view's data first: the alerts' probes (the store's health, the ledger's sealing) would
+                # compete with its queries for the database and the interpreter, and the view is what the
+                # operator reads.
+                view.loader.when_idle(load_alerts)
 
     def on_loaded(self, message: Loaded) -> None:
         self.loader.done(message.key)
@@ -163,8 +181,26 @@ class CaracalApp(App[None]):
         render: float,
         fetch_cpu: float = 0.0,
         render_cpu: float = 0.0,
+        paint: float = 0.0,
+        paint_cpu: float = 0.0,
     ) -> None:
-        self.timings.append(Timing(view, key, fetch, render, fetch_cpu, render_cpu))
+        """A snapshot was drawn and is on screen."""
+        self.timings.append(Timing(view, key, fetch, render, fetch_cpu, render_cpu, paint, paint_cpu))
+        if not self._first_shown:
+            self._first_shown = True
+            gc.freeze()  # the first snapshot's table, as the start-up's objects (see _tune_collector)
+
+    def _tune_collector(self) -> None:
+        """What is alive once the app runs (the modules, Textual's widgets and styles) and then once the first
+        view shows (its table) stays alive: left to the collector, every full collection walks all of it again
+        (150 ms with a thousand agents, every few refreshes), so it is set aside (frozen). And a refresh of a
+        thousand agents makes some ten thousand objects, which at the default thresholds is a dozen young
+        collections and a middle one per refresh: let more accumulate between collections (the same work,
+        done less often)."""
+        if self._gc_thresholds is None:
+            self._gc_thresholds = gc.get_threshold()
+            gc.freeze()
+            gc.set_threshold(20_000, 20, 10)
 
     # ------------------------------------------------------------------ navigation
 

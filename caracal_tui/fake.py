@@ -279,20 +279,20 @@ class FakeSource:
         """Seconds since start when live (the demo moves), else 0."""
         return time.monotonic() - self._started if self.live else 0.0
 
-    def _budget(self, policy: _Policy, names: dict[uuid.UUID, str]) -> Budget:
+    def _budget(
+        self,
+        policy: _Policy,
+        names: dict[uuid.UUID, str],
+        drift: float,
+        bounds: dict[str, tuple[datetime, datetime]],
+    ) -> Budget:
         settled, held, holds = self._spend[policy.policy_id]
         if self.live:
-            step = Decimal(int(self._drift() * 7 + policy.policy_id.int % 97)) / 100
+            step = Decimal(int(drift * 7 + policy.policy_id.int % 97)) / 100
             settled = min(settled + step, policy.limit.amount * Decimal("1.02")).quantize(Decimal("0.01"))
-            holds = (holds + int(self._drift()) // 3) % 6
+            holds = (holds + int(drift) // 3) % 6
             held = (Decimal(holds) * Decimal("0.35")).quantize(Decimal("0.01"))
-        at = self.now()
-        if policy.window == "daily":
-            start = at.replace(hour=0, minute=0, second=0, microsecond=0)
-            end = start + timedelta(days=1)
-        else:
-            start = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-            end = (start + timedelta(days=32)).replace(day=1)
+        start, end = bounds[policy.window]
         return Budget(
             policy_id=policy.policy_id,
             owner_id=policy.agent_id,
@@ -308,11 +308,23 @@ class FakeSource:
         )
 
     def _rows(self) -> tuple[AgentRow, ...]:
+        # one instant and one drift for the whole snapshot, as a real source reads one
+        at = self.now()
+        drift = self._drift()
+        day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        month = at.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        bounds = {
+            "daily": (day, day + timedelta(days=1)),
+            "monthly": (month, (month + timedelta(days=32)).replace(day=1)),
+        }
         names = {a.agent_id: a.name for a in self._agents}
         by_agent: dict[uuid.UUID, list[Budget]] = {}
         for policy in self._policies.values():
-            by_agent.setdefault(policy.agent_id, []).append(self._budget(policy, names))
-        return tuple(replace(a, budgets=tuple(by_agent.get(a.agent_id, ()))) for a in self._agents)
+            by_agent.setdefault(policy.agent_id, []).append(self._budget(policy, names, drift, bounds))
+        return tuple(
+            AgentRow(a.agent_id, a.name, a.owner, a.status, a.parent_id, tuple(by_agent.get(a.agent_id, ())))
+            for a in self._agents
+        )
 
     def _find(self, agent_id: uuid.UUID) -> AgentRow:
         for row in self._rows():

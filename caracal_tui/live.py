@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import threading
 import time
 import uuid
@@ -145,6 +146,16 @@ class _Outcome:
 Runner = Callable[[ProgressCallback], ActionResult]
 
 
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    """What the last agents snapshot was made of, for the catalog it was made with."""
+
+    catalog: inventory.Catalog
+    views: dict[uuid.UUID, inventory.BudgetView]
+    budgets: dict[uuid.UUID, tuple[inventory.BudgetView, Budget]]
+    rows: dict[uuid.UUID, AgentRow]
+
+
 class LiveSource:
     """Reads and changes the deployment ``state`` points at (``--config``, ``--database-url``)."""
 
@@ -155,6 +166,7 @@ class LiveSource:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="caracal-tui-probe")
         self._counters: inventory.GatewayCounters | None = None
         self._catalog: inventory.Catalog | None = None  # agents and policy scopes, re-read when they change
+        self._shown: _Shown | None = None  # the last agents snapshot's parts, reused where nothing changed
         self._plans: dict[str, Runner] = {}
 
     # ------------------------------------------------------------------ plumbing
@@ -420,17 +432,37 @@ class LiveSource:
         self._db()
         at = self.now()
         with self._lock:
-            previous = self._catalog
+            previous, before = self._catalog, self._shown
         catalog = inventory.catalog(self.state, previous)
-        with self._lock:
-            self._catalog = catalog
-        agents = catalog.agents
-        names = {a.agent_id: a.name for a in agents}
+        if before is None or before.catalog is not catalog:  # names or owners may differ: nothing to reuse
+            before = _Shown(catalog, {}, {}, {})
+        views = inventory.budgets(self.state, at, scopes=catalog.scopes, previous=before.views)
+        names: dict[uuid.UUID, str] | None = None
+        budgets: dict[uuid.UUID, tuple[inventory.BudgetView, Budget]] = {}
         by_agent: dict[uuid.UUID, list[Budget]] = {}
-        for view in inventory.budgets(self.state, at, scopes=catalog.scopes):
-            by_agent.setdefault(view.agent_id, []).append(_budget(view, names))
-        rows = tuple(_agent_row(a, tuple(by_agent.get(a.agent_id, ()))) for a in agents)
-        return AgentsSnapshot(at, rows, inventory.budget_source(self.state))
+        for view in views:
+            # the same view as last time (nothing about the policy changed): the same Budget
+            found = before.budgets.get(view.policy_id)
+            if found is not None and found[0] is view:
+                budget = found[1]
+            else:
+                if names is None:
+                    names = {a.agent_id: a.name for a in catalog.agents}
+                budget = _budget(view, names)
+            budgets[view.policy_id] = (view, budget)
+            by_agent.setdefault(view.agent_id, []).append(budget)
+        rows: dict[uuid.UUID, AgentRow] = {}
+        for agent in catalog.agents:
+            own = tuple(by_agent.get(agent.agent_id, ()))
+            old = before.rows.get(agent.agent_id)
+            # an unchanged agent is the same object as before: the dashboard skips it without comparing
+            if old is None or len(old.budgets) != len(own) or not all(map(operator.is_, old.budgets, own)):
+                old = _agent_row(agent, own)
+            rows[agent.agent_id] = old
+        shown = _Shown(catalog, {v.policy_id: v for v in views}, budgets, rows)
+        with self._lock:
+            self._catalog, self._shown = catalog, shown
+        return AgentsSnapshot(at, tuple(rows.values()), inventory.budget_source(self.state))
 
     @_translated
     def agent_detail(self, agent_id: uuid.UUID) -> AgentDetail:

@@ -15,7 +15,7 @@ from caracal_tui.format import amount, bar, compact, count, short_id, stamp, sta
 from caracal_tui.screens.base import ViewScreen
 from caracal_tui.sources import AgentDetail, AgentRow, AgentsSnapshot, Budget
 from caracal_tui.widgets.bars import StatusLine, TopBar
-from caracal_tui.widgets.table import Row, SnapshotTable
+from caracal_tui.widgets.table import Cells, LazyCells, SnapshotTable
 
 if TYPE_CHECKING:
     from caracal_tui.palette import Entry
@@ -37,6 +37,48 @@ def _held(budget: Budget | None, holds: int) -> Text:
     return Text(f"{amount(budget.held)} ({holds})")
 
 
+def _cells(agent: AgentRow, *, wide: bool) -> Cells:
+    """The agent's row: its fullest budget as a bar, in the narrow or the wide layout."""
+    worst = _worst(agent)
+    name = Text(agent.name, overflow="ellipsis", no_wrap=True)
+    if worst is None:
+        cells: list[Text | str] = [name]
+        if wide:
+            cells.append(agent.owner)
+        cells += [
+            status_text(agent.status),
+            Text("none", style="dim"),
+            Text("no policy", style="dim"),
+            "-",
+            "-",
+        ]
+        if wide:
+            cells.append("-")
+        return tuple(cells)
+    window = worst.window + (f" +{len(agent.budgets) - 1}" if len(agent.budgets) > 1 else "")
+    cells = [name]
+    if wide:
+        cells.append(agent.owner)
+    cells += [
+        status_text(agent.status),
+        window,
+        bar(worst.fraction, 10 if wide else 5),
+        _spend(worst, wide=wide),
+        _held(worst, agent.holds) if wide else Text(count(agent.holds) if agent.holds else "-"),
+    ]
+    if wide:
+        cells.append(amount(worst.remaining))
+    return tuple(cells)
+
+
+def _wide_cells(agent: AgentRow) -> Cells:
+    return _cells(agent, wide=True)
+
+
+def _narrow_cells(agent: AgentRow) -> Cells:
+    return _cells(agent, wide=False)
+
+
 def matches(agent: AgentRow, text: str) -> bool:
     if not text:
         return True
@@ -56,9 +98,9 @@ class AgentsScreen(ViewScreen):
     def __init__(self) -> None:
         super().__init__()
         self.snapshot: AgentsSnapshot | None = None
-        #: Per agent: the row as last drawn, for the agent as it was then (most agents do not change
-        #: between two refreshes, and building a thousand rows is most of a refresh's time).
-        self._rows: dict[uuid.UUID, tuple[AgentRow, bool, Row]] = {}
+        #: Per agent: its row key and cells as last shown, for the agent as it was then. Cells are made only
+        #: for the rows drawn, and an unchanged agent keeps its row (the table then skips it).
+        self._rows: dict[uuid.UUID, tuple[AgentRow, bool, str, LazyCells]] = {}
 
     def compose_body(self) -> ComposeResult:
         yield StatusLine("loading…", id="status")
@@ -90,53 +132,24 @@ class AgentsScreen(ViewScreen):
     def reload(self) -> None:
         self.loader.load("agents", self.source.agents)
 
-    def _row(self, agent: AgentRow) -> Row:
-        worst = _worst(agent)
-        name = Text(agent.name, overflow="ellipsis", no_wrap=True)
-        if worst is None:
-            cells: list[Text | str] = [name]
-            if self.wide:
-                cells.append(agent.owner)
-            cells += [
-                status_text(agent.status),
-                Text("none", style="dim"),
-                Text("no policy", style="dim"),
-                "-",
-                "-",
-            ]
-            if self.wide:
-                cells.append("-")
-            return str(agent.agent_id), tuple(cells)
-        window = worst.window + (f" +{len(agent.budgets) - 1}" if len(agent.budgets) > 1 else "")
-        cells = [name]
-        if self.wide:
-            cells.append(agent.owner)
-        cells += [
-            status_text(agent.status),
-            window,
-            bar(worst.fraction, 10 if self.wide else 5),
-            _spend(worst, wide=self.wide),
-            _held(worst, agent.holds) if self.wide else Text(count(agent.holds) if agent.holds else "-"),
-        ]
-        if self.wide:
-            cells.append(amount(worst.remaining))
-        return str(agent.agent_id), tuple(cells)
-
-    def _cached_row(self, agent: AgentRow, cache: dict[uuid.UUID, tuple[AgentRow, bool, Row]]) -> Row:
+    def _row(
+        self, agent: AgentRow, cache: dict[uuid.UUID, tuple[AgentRow, bool, str, LazyCells]]
+    ) -> tuple[str, LazyCells]:
         found = self._rows.get(agent.agent_id)
-        if found is not None and found[1] == self.wide and found[0] == agent:
+        if found is not None and found[1] == self.wide and (found[0] is agent or found[0] == agent):
             cache[agent.agent_id] = found
-            return found[2]
-        row = self._row(agent)
-        cache[agent.agent_id] = (agent, self.wide, row)
-        return row
+            return found[2], found[3]
+        key = found[2] if found is not None else str(agent.agent_id)
+        cells = LazyCells(agent, _wide_cells if self.wide else _narrow_cells)
+        cache[agent.agent_id] = (agent, self.wide, key, cells)
+        return key, cells
 
     def show_agents(self, snapshot: AgentsSnapshot) -> None:
         self.snapshot = snapshot
-        cache: dict[uuid.UUID, tuple[AgentRow, bool, Row]] = {}
+        cache: dict[uuid.UUID, tuple[AgentRow, bool, str, LazyCells]] = {}
         wanted = self.filter_text
         shown = [a for a in snapshot.agents if matches(a, wanted)]
-        self.table.show_rows([self._cached_row(a, cache) for a in shown])
+        self.table.show_rows([self._row(a, cache) for a in shown])
         self._rows = cache
         active = sum(1 for a in snapshot.agents if a.active)
         near = sum(1 for a in snapshot.agents if any(b.fraction >= 0.9 for b in a.budgets))

@@ -18,6 +18,7 @@ from caracal_tui.messages import Loaded, LoadFailed, Rendered
 from caracal_tui.sources import DataSource
 from caracal_tui.widgets.bars import AlertBanner, StatusLine, TopBar
 from caracal_tui.widgets.filter import FilterBar
+from caracal_tui.widgets.table import SnapshotTable
 
 if TYPE_CHECKING:
     from caracal_tui.app import CaracalApp
@@ -34,6 +35,7 @@ class Loader:
         self._screen = owner
         self._inflight: set[str] = set()
         self._again: dict[str, Callable[[], object]] = {}
+        self._when_idle: list[Callable[[], object]] = []
 
     def busy(self, key: str) -> bool:
         return key in self._inflight
@@ -66,6 +68,17 @@ class Loader:
         again = self._again.pop(key, None)
         if again is not None:
             self.load(key, again)
+        if self.idle and self._when_idle:
+            waiting, self._when_idle = self._when_idle, []
+            for call in waiting:
+                call()
+
+    def when_idle(self, call: Callable[[], object]) -> None:
+        """``call()`` once nothing is loading (now, if nothing is)."""
+        if self.idle:
+            call()
+        else:
+            self._when_idle.append(call)
 
 
 #: From this many columns on, views show their wide layout (more columns, full ids and amounts).
@@ -163,14 +176,35 @@ class ViewScreen(Screen[None]):
             except Exception as exc:  # a bug in drawing: say so, keep the screen
                 self.report_error(f"could not show {message.key}: {describe(exc)}")
                 return
-        self.caracal.record_timing(
-            self.VIEW,
-            message.key,
-            message.seconds,
-            time.perf_counter() - started,
-            message.cpu_seconds,
-            time.thread_time() - cpu,
-        )
+        drawn, drawn_cpu = time.perf_counter(), time.thread_time()
+
+        def painted() -> None:
+            self.caracal.record_timing(
+                self.VIEW,
+                message.key,
+                message.seconds,
+                drawn - started,
+                message.cpu_seconds,
+                drawn_cpu - cpu,
+                time.perf_counter() - drawn,
+                time.thread_time() - drawn_cpu,
+            )
+
+        # Recorded after the frame that shows the snapshot: tables lay their lines out only then.
+        tables = [t for t in self.query(SnapshotTable) if t.unpainted and t.region.area]
+        if tables:
+            waiting = len(tables)
+
+            def one_painted() -> None:
+                nonlocal waiting
+                waiting -= 1
+                if not waiting:
+                    painted()
+
+            for table in tables:
+                table.after_paint(one_painted)
+        else:
+            self.call_after_refresh(painted)
         self.post_message(Rendered(self.VIEW, message.key))
 
     def on_load_failed(self, message: LoadFailed) -> None:

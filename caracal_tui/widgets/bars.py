@@ -94,8 +94,8 @@ class StatusLine(Static):
 
     def show(self, text: str | Text) -> None:
         self.remove_class("-error")
-        self.update(text)
+        self.update(text, layout=False)  # one line whatever it says: no layout of the screen again
 
     def error(self, message: str) -> None:
         self.add_class("-error")
-        self.update(Text(f"✖ {message}"))
+        self.update(Text(f"✖ {message}"), layout=False)

@@ -18,7 +18,7 @@ from caracald.core.agents import Agent
 from caracald.core.budget import bucket_seconds, rolling_buckets, spend_slot
 from caracald.core.money import Money
 from caracald.core.policy import PolicyVersion
-from caracald.core.windows import window_bounds
+from caracald.core.windows import WindowBounds, WindowSpec, window_bounds
 from caracald.store import agents as agent_store
 from caracald.store import catalog as catalog_store
 from caracald.store import policies as policy_store
@@ -120,11 +120,24 @@ def catalog(db: Database, previous: Catalog | None = None) -> Catalog:
     return Catalog(mark, agents, scopes)
 
 
-def all_ledger_status(
+@dataclass(frozen=True, slots=True)
+class LedgerFigures:
+    """Every active policy's figures as the ledger sums them, before they become money: what
+    :func:`all_ledger_status` reports, for a caller that keeps the previous ones and rebuilds only what
+    changed."""
+
+    scopes: list[Scope]
+    bounds: dict[WindowSpec, WindowBounds]  # each distinct window's, at the instant asked for
+    #: ``{policy_id: (settled, held, holds)}``; a policy created since its scope was read is missing (nothing
+    #: charged to it yet).
+    totals: dict[uuid.UUID, tuple[Decimal, Decimal, int]]
+
+
+def all_ledger_figures(
     db: Database, at: datetime, *, hold_ttl: timedelta, scopes: Sequence[Scope] | None = None
-) -> list[ScopeStatus]:
-    """:func:`ledger_status` of every active policy (or of ``scopes``, every active policy's as read a
-    moment ago), in a few statements whatever their number."""
+) -> LedgerFigures:
+    """The figures behind :func:`all_ledger_status`, of every active policy (or of ``scopes``), in one
+    statement whatever their number."""
     with db.read() as conn:
         if scopes is None:
             scopes = [_scope(p) for p in policy_store.current_all(conn)]
@@ -132,21 +145,40 @@ def all_ledger_status(
         totals = spend_store.policy_totals(
             conn, [(w, b.start, b.end) for w, b in bounds.items()], at - hold_ttl
         )
-    zeros: dict[str, Money] = {}  # most policies hold nothing: one zero per currency, not one each
+    return LedgerFigures(list(scopes), bounds, totals)
 
-    def money(amount: Decimal, currency: str) -> Money:
-        if amount:
-            return Money(amount, currency)
-        found = zeros.get(currency)
-        if found is None:
-            found = zeros[currency] = Money.zero(currency)
-        return found
 
+def all_ledger_status(
+    db: Database, at: datetime, *, hold_ttl: timedelta, scopes: Sequence[Scope] | None = None
+) -> list[ScopeStatus]:
+    """:func:`ledger_status` of every active policy (or of ``scopes``, every active policy's as read a
+    moment ago), in one statement whatever their number."""
+    figures = all_ledger_figures(db, at, hold_ttl=hold_ttl, scopes=scopes)
+    money = ZeroShared()
     statuses = []
-    for scope in scopes:
+    for scope in figures.scopes:
         currency = scope.limit.currency
-        # a policy created since it was read is not in the totals: nothing charged to it yet
-        settled, held, holds = totals.get(scope.policy_id, (Decimal(0), Decimal(0), 0))
-        window = bounds[scope.window]
+        settled, held, holds = figures.totals.get(scope.policy_id, NOTHING)
+        window = figures.bounds[scope.window]
         statuses.append(ScopeStatus(scope, window, money(settled, currency), money(held, currency), holds))
     return statuses
+
+
+#: The figures of a policy the ledger has nothing for.
+NOTHING: tuple[Decimal, Decimal, int] = (Decimal(0), Decimal(0), 0)
+
+
+class ZeroShared:
+    """``Money(amount, currency)``, with one zero per currency: most policies hold nothing, and a thousand
+    identical zeros cost a thousand constructions."""
+
+    def __init__(self) -> None:
+        self._zeros: dict[str, Money] = {}
+
+    def __call__(self, amount: Decimal, currency: str) -> Money:
+        if amount:
+            return Money(amount, currency)
+        found = self._zeros.get(currency)
+        if found is None:
+            found = self._zeros[currency] = Money.zero(currency)
+        return found

@@ -332,3 +332,90 @@ def test_budget_totals_from_hours_and_ragged_ends_equal_the_events(
             expected = raw_charged(db, subtree, currency, start, end)
             assert spend.charged_total(conn, subtree, currency, start, end) == expected, (start, end)
             assert bulk[policy_id][0] == expected, (start, end)
+
+
+# A request: (to the child?, reservation's instant, its hold or None when its metadata has none, currency,
+# how it ended: None still open, or the settlement or expiry, at the reservation's instant as every event of
+# a request is, or a request id nothing else shares)
+request_strategy = st.tuples(
+    st.booleans(),
+    instant,
+    st.one_of(st.none(), st.decimals(min_value=Decimal("0"), max_value=Decimal("90"), places=8)),
+    st.sampled_from(["USD", "EUR"]),
+    st.sampled_from([None, LedgerEventType.SETTLEMENT, LedgerEventType.EXPIRY, "no request id"]),
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    requests=st.lists(request_strategy, max_size=40),
+    strays=st.lists(st.tuples(st.booleans(), instant), max_size=4),
+    since=instant,
+)
+def test_budget_holds_for_every_policy_at_once_equal_the_per_policy_ones(
+    db: Database,
+    requests: list[tuple[bool, int, Decimal | None, str, LedgerEventType | str | None]],
+    strays: list[tuple[bool, int]],
+    since: int,
+) -> None:
+    """The holds a parent's and a child's policies have open, for every policy at once, are exactly what
+    the per-policy query finds: reservations since the instant that no settlement or expiry of the same
+    request closed, a reservation without a request id open whatever else has none."""
+    with db.transaction() as conn:
+        parent = add_agent(conn)
+        child = add_agent(conn)
+        conn.execute("UPDATE agents SET parent_id = %s WHERE agent_id = %s", (parent, child))
+    rows = []
+    for to_child, at, hold, currency, ending in requests:
+        agent = child if to_child else parent
+        request = None if ending == "no request id" else uuid.uuid4()
+        rows.append(
+            LedgerEvent(
+                uuid.uuid4(),
+                LedgerEventType.RESERVATION,
+                agent,
+                _at(at),
+                Money(Decimal(0), currency),
+                request_id=request,
+                metadata={} if hold is None else {"hold": str(hold)},
+            )
+        )
+        if isinstance(ending, LedgerEventType):
+            rows.append(
+                LedgerEvent(
+                    uuid.uuid4(), ending, agent, _at(at), Money(Decimal("0.5"), currency), request_id=request
+                )
+            )
+    for to_child, at in strays:  # settlements of no request: they close nothing
+        agent = child if to_child else parent
+        rows.append(
+            LedgerEvent(uuid.uuid4(), LedgerEventType.SETTLEMENT, agent, _at(at), Money(Decimal(1), "USD"))
+        )
+    with db.transaction() as conn:
+        ledger_store.insert_events(conn, rows)
+    spec = WindowSpec(TimeWindow.DAILY, WindowType.CALENDAR, "UTC")
+    policies = []
+    for agent, currency in ((parent, "USD"), (child, "USD"), (child, "EUR")):
+        policy = PolicyVersion(
+            policy_id=uuid.uuid4(),
+            agent_id=agent,
+            version=1,
+            terms=PolicyTerms(Money(Decimal(100), currency), spec),
+            status=PolicyStatus.ACTIVE,
+            change_reason="test",
+            changed_by="test",
+            created_at=datetime.now(UTC),
+        )
+        with db.transaction() as conn:
+            policy_store.insert_version(conn, policy)
+        policies.append((policy.policy_id, agent, currency))
+    with db.read() as conn:
+        bulk = spend.policy_totals(conn, [(spec, BASE, BASE + timedelta(days=1))], _at(since))
+        for policy_id, agent, currency in policies:
+            subtree = [parent, child] if agent == parent else [child]
+            held, holds = spend.open_reservations(conn, subtree, currency, _at(since))
+            assert bulk[policy_id][1:] == (held, holds)

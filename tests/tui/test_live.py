@@ -431,7 +431,7 @@ async def test_readonly_live_source_refuses_changes(cli: Cli, database_url: str,
 
 
 def test_bulk_budget_figures_match_the_per_policy_ones(cli: Cli, db: Database, live: LiveSource) -> None:
-    """The dashboard reads every policy's figures in two statements; they must be the CLI's, policy by policy."""
+    """The dashboard reads every policy's figures in one statement; they must be the CLI's, policy by policy."""
     from caracal_ops import inventory
     from caracald.admin import budget as budget_admin
 
@@ -466,3 +466,46 @@ def test_bulk_budget_figures_match_the_per_policy_ones(cli: Cli, db: Database, l
         got = bulk[status.scope.policy_id]
         assert (got.settled, got.held, got.holds) == (status.settled, status.held, status.holds)
     assert {str(b.settled.amount.normalize()) for b in bulk.values()} == {"4.75", "4.35", "3.25"}
+
+
+def test_an_unchanged_agent_comes_back_as_the_same_row_and_a_changed_one_is_made_again(
+    cli: Cli, db: Database, database_url: str, live: LiveSource
+) -> None:
+    """A refresh reuses what did not change (the dashboard then skips those rows): agents and budgets are
+    the same objects as before unless something about them changed, and the figures are always those a
+    source with nothing to reuse reads."""
+    parent = _agent(cli, "reuse-parent")
+    child = _agent(cli, "reuse-child", parent)
+    other = _agent(cli, "reuse-other")
+    _policy(cli, parent, "100")
+    _policy(cli, child, "50")
+    _policy(cli, other, "30")
+    _charge(db, child, "1.25")
+
+    def fresh() -> dict[uuid.UUID, object]:
+        source = LiveSource(CliState(database_url=database_url, actor=ACTOR))
+        try:
+            return {row.agent_id: row for row in source.agents().agents}
+        finally:
+            source.close()
+
+    first = {row.agent_id: row for row in live.agents().agents}
+    second = {row.agent_id: row for row in live.agents().agents}
+    assert all(second[a] is first[a] for a in first)
+    assert second == fresh()
+
+    _charge(db, child, "2.00")  # the child's budget and its parent's change
+    third = {row.agent_id: row for row in live.agents().agents}
+    assert third[uuid.UUID(other)] is second[uuid.UUID(other)]
+    assert third[uuid.UUID(child)] is not second[uuid.UUID(child)]
+    assert third[uuid.UUID(parent)] is not second[uuid.UUID(parent)]
+    assert third == fresh()
+    settled = {a: [str(b.settled.amount.normalize()) for b in row.budgets] for a, row in third.items()}
+    assert settled[uuid.UUID(child)] == ["3.25"]
+    assert settled[uuid.UUID(parent)] == ["3.25"]
+
+    cli.ok("agent", "suspend", "--agent-id", other, "--reason", "test")  # the catalog changes: all made anew
+    fourth = {row.agent_id: row for row in live.agents().agents}
+    assert all(fourth[a] is not third[a] for a in third)
+    assert fourth[uuid.UUID(other)].status == "suspended"
+    assert fourth == fresh()

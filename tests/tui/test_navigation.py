@@ -213,6 +213,21 @@ async def test_refresh_reloads_the_current_view(fake: FakeSource) -> None:
         assert fake.calls.get("overview", 0) >= 1  # the alerts are refreshed with it
 
 
+async def test_a_refresh_reads_the_alerts_once_the_view_has_its_data(fake: FakeSource) -> None:
+    """The view's data first (the operator reads it; the alerts' probes would compete with its queries),
+    the alerts straight after."""
+    app = make_app(fake, initial_view="agents")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        before = fake.calls.get("overview", 0)
+        fake.delay["agents"] = 0.3
+        await pilot.press("r")
+        await pilot.pause(0.1)
+        assert fake.calls.get("overview", 0) == before  # the view is still loading
+        await settle(pilot)
+        assert fake.calls.get("overview", 0) == before + 1
+
+
 async def test_timer_refreshes_in_the_background(tmp_path: Path) -> None:
     source = FakeSource()
     app = make_app(source, tmp_path=tmp_path, refresh_seconds=0.1, initial_view="dlq")
