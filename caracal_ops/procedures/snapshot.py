@@ -11,8 +11,8 @@ and copied to ``<backup dir>/snapshots/<id>.json`` so that it survives a ``carac
 (after ``caracal db reset``) it puts the snapshot's back, so that a replay from the bus can write the events
 again (an event of an unknown agent is a dead letter) and the ledger writer can seal with its key. It compares
 the ledger up to the snapshot's last event with its totals (every difference is reported, and any difference
-stops the restore), then rebuilds the derived state: the hourly ``spend_totals`` from the ledger and, with
-the Redis budget backend, the shared budget counters (:func:`caracald.admin.budget.ledger_totals` and
+stops the restore), then rebuilds the derived state: the hourly and daily spend totals from the ledger and,
+with the Redis budget backend, the shared budget counters (:func:`caracald.admin.budget.ledger_totals` and
 ``RedisBudget.rebuild``).
 """
 
@@ -488,7 +488,10 @@ def plan_restore(env: SnapshotEnv, snapshot_id: str) -> Plan:
 
         with env.db().transaction() as conn:
             written = totals_store.rebuild(conn)
-        return f"spend_totals rebuilt from the ledger: {written} hourly rows"
+        return (
+            f"spend_totals rebuilt from the ledger: {written.hours:,} hourly rows, "
+            f"{written.days:,} daily rows"
+        )
 
     def counters(step: StepContext) -> str:
         from caracald.admin import budget as budget_admin
@@ -523,7 +526,10 @@ def plan_restore(env: SnapshotEnv, snapshot_id: str) -> Plan:
         compare_step,
     )
     plan.add(
-        "spend-totals", "Rebuild the hourly spend totals from the ledger", spend_totals, destructive=True
+        "spend-totals",
+        "Rebuild the hourly and daily spend totals from the ledger",
+        spend_totals,
+        destructive=True,
     )
     if redis:
         plan.add(

@@ -1,4 +1,5 @@
-"""Hourly spend totals: ``ledger query`` answers from them and agrees exactly with the raw events.
+"""Hourly and daily spend totals: ``ledger query`` and the budgets answer from them and agree exactly with the
+raw events.
 
 The totals are kept by a trigger on ``ledger_events`` from the rows each statement actually inserted, so a
 replayed or duplicated event (skipped by ``ON CONFLICT DO NOTHING``) counts nothing, whichever path inserts.
@@ -28,9 +29,11 @@ from caracald.core.money import Money
 from caracald.core.policy import PolicyStatus, PolicyTerms, PolicyVersion
 from caracald.core.windows import TimeWindow, WindowSpec, WindowType
 from caracald.store import ledger as ledger_store
+from caracald.store import migrate as migrate_module
 from caracald.store import policies as policy_store
 from caracald.store import spend, spend_totals
 from caracald.store.database import Database
+from tests.harness.postgres import PostgresService
 
 pytestmark = pytest.mark.integration
 
@@ -49,6 +52,23 @@ def add_agent(conn: psycopg.Connection[Any]) -> uuid.UUID:
         (agent, f"totals-{agent.hex[:12]}", now, now),
     )
     return agent
+
+
+def add_policy(db: Database, agent: uuid.UUID, currency: str, spec: WindowSpec) -> uuid.UUID:
+    """An active policy of 100 ``currency`` over ``spec`` for ``agent``; its id."""
+    policy = PolicyVersion(
+        policy_id=uuid.uuid4(),
+        agent_id=agent,
+        version=1,
+        terms=PolicyTerms(Money(Decimal(100), currency), spec),
+        status=PolicyStatus.ACTIVE,
+        change_reason="test",
+        changed_by="test",
+        created_at=datetime.now(UTC),
+    )
+    with db.transaction() as conn:
+        policy_store.insert_version(conn, policy)
+    return policy.policy_id
 
 
 def raw(db: Database, agent: uuid.UUID, start: datetime, end: datetime) -> dict[str, tuple[Decimal, int]]:
@@ -78,9 +98,42 @@ def _at(micros: int) -> datetime:
     return BASE + timedelta(microseconds=micros)
 
 
+HOUR_US = 3_600_000_000
+DAY_US = 24 * HOUR_US
+
+
 def _hourly(micros: int) -> int:
     """Snap some instants onto whole hours, where off-by-one mistakes live."""
-    return micros - micros % 3_600_000_000
+    return micros - micros % HOUR_US
+
+
+def _snapped(micros: int, to: str) -> int:
+    """``micros`` as it is, or on the UTC hour or day it lies in (BASE is a UTC midnight)."""
+    if to == "hour":
+        return _hourly(micros)
+    if to == "day":
+        return micros - micros % DAY_US
+    return micros
+
+
+snapping = st.sampled_from(["none", "hour", "day"])
+
+
+def rolled_up(db: Database, agent: uuid.UUID) -> tuple[list[Any], list[Any]]:
+    """The agent's day rows, and the same computed from its hour rows: the trigger keeps them equal."""
+    with db.read() as conn:
+        days = conn.execute(
+            "SELECT currency, day, total, spending_events, ledger_events FROM spend_daily "
+            "WHERE agent_id = %s ORDER BY currency, day",
+            (agent,),
+        ).fetchall()
+        from_hours = conn.execute(
+            "SELECT currency, date_trunc('day', bucket, 'UTC') AS day, sum(total) AS total, "
+            "sum(spending_events) AS spending_events, sum(ledger_events) AS ledger_events "
+            "FROM spend_totals WHERE agent_id = %s GROUP BY 1, 2 ORDER BY 1, 2",
+            (agent,),
+        ).fetchall()
+    return days, from_hours
 
 
 @settings(
@@ -91,13 +144,13 @@ def _hourly(micros: int) -> int:
 @given(
     events=st.lists(event_strategy, max_size=60),
     replayed=st.integers(min_value=0, max_value=60),
-    ranges=st.lists(st.tuples(instant, instant, st.booleans(), st.booleans()), min_size=1, max_size=8),
+    ranges=st.lists(st.tuples(instant, instant, snapping, snapping), min_size=1, max_size=8),
 )
 def test_totals_agree_exactly_with_the_raw_events_and_replays_do_not_count(
     db: Database,
     events: list[tuple[LedgerEventType, int, Decimal, str]],
     replayed: int,
-    ranges: list[tuple[int, int, bool, bool]],
+    ranges: list[tuple[int, int, str, str]],
 ) -> None:
     with db.transaction() as conn:
         agent = add_agent(conn)
@@ -125,44 +178,73 @@ def test_totals_agree_exactly_with_the_raw_events_and_replays_do_not_count(
             assert ledger_store.insert_events(conn, [row]) == 0
     checks = [(BASE, BASE + SPAN), (BASE - timedelta(days=1), BASE + SPAN + timedelta(days=1))]
     for a, b, snap_a, snap_b in ranges:
-        a, b = (_hourly(a) if snap_a else a), (_hourly(b) if snap_b else b)
-        start, end = sorted((_at(a), _at(b)))
+        start, end = sorted((_at(_snapped(a, snap_a)), _at(_snapped(b, snap_b))))
         if start == end:
             end += timedelta(microseconds=1)
         checks.append((start, end))
     for start, end in checks:
         assert from_totals(db, agent, start, end) == raw(db, agent, start, end), (start, end)
+    days, from_hours = rolled_up(db, agent)
+    assert days == from_hours
 
 
-def test_the_migration_backfills_and_rebuild_recomputes(db: Database) -> None:
+def _settlements(agent: uuid.UUID, minutes: range) -> list[LedgerEvent]:
+    return [
+        LedgerEvent(
+            uuid.uuid4(),
+            LedgerEventType.SETTLEMENT,
+            agent,
+            BASE + timedelta(minutes=m),
+            Money(Decimal("0.01"), "USD"),
+        )
+        for m in minutes
+    ]
+
+
+def test_rebuild_recomputes_the_hours_and_the_days(db: Database) -> None:
+    minutes = range(0, 3000, 7)  # two days and a bit: 50 hours, 3 days
     with db.transaction() as conn:
         agent = add_agent(conn)
-        ledger_store.insert_events(
-            conn,
-            [
-                LedgerEvent(
-                    uuid.uuid4(),
-                    LedgerEventType.SETTLEMENT,
-                    agent,
-                    BASE + timedelta(minutes=m),
-                    Money(Decimal("0.01"), "USD"),
-                )
-                for m in range(0, 600, 7)
-            ],
-        )
+        ledger_store.insert_events(conn, _settlements(agent, minutes))
+    query = "SELECT * FROM {} WHERE agent_id = %s ORDER BY 3"
     with db.transaction() as conn:
-        before = conn.execute(
-            "SELECT bucket, total, spending_events, ledger_events FROM spend_totals WHERE agent_id = %s ORDER BY bucket",
-            (agent,),
-        ).fetchall()
+        hours = conn.execute(query.format("spend_totals"), (agent,)).fetchall()
+        days = conn.execute(query.format("spend_daily"), (agent,)).fetchall()
         conn.execute("UPDATE spend_totals SET total = 0 WHERE agent_id = %s", (agent,))
-        assert spend_totals.rebuild(conn, agent) == len(before) == 10
-        after = conn.execute(
-            "SELECT bucket, total, spending_events, ledger_events FROM spend_totals WHERE agent_id = %s ORDER BY bucket",
-            (agent,),
-        ).fetchall()
-    assert after == before
-    assert sum(r["spending_events"] for r in after) == len(range(0, 600, 7))
+        conn.execute("DELETE FROM spend_daily WHERE agent_id = %s AND day > %s", (agent, BASE))
+        assert spend_totals.rebuild(conn, agent) == spend_totals.Rebuilt(hours=50, days=3)
+        assert conn.execute(query.format("spend_totals"), (agent,)).fetchall() == hours
+        assert conn.execute(query.format("spend_daily"), (agent,)).fetchall() == days
+    assert [d["spending_events"] for d in days] == [206, 206, 17]
+    assert sum(d["total"] for d in days) == Decimal("0.01") * len(minutes)
+
+
+def test_the_daily_totals_migration_fills_the_days_already_recorded(
+    postgres_service: PostgresService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database whose ledger was written before the daily totals existed gets them from its hours."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = postgres_service.create_database(name)
+    try:
+        everything = migrate_module.available_migrations()
+        daily = next(m for m in everything if m.name == "spend_daily")
+        monkeypatch.setattr(migrate_module, "available_migrations", lambda: everything[: daily.version - 1])
+        migrate_module.migrate(url)
+        with Database(url) as db:
+            with db.transaction() as conn:
+                agent = add_agent(conn)
+                ledger_store.insert_events(conn, _settlements(agent, range(0, 3000, 7)))
+            monkeypatch.undo()
+            assert [m.name for m in migrate_module.migrate(url).applied] == ["spend_daily"]
+            days, from_hours = rolled_up(db, agent)
+            assert len(days) == 3 and days == from_hours
+            # and from then on the trigger keeps them
+            with db.transaction() as conn:
+                ledger_store.insert_events(conn, _settlements(agent, range(5000, 5010)))
+            days, from_hours = rolled_up(db, agent)
+            assert len(days) == 4 and days == from_hours
+    finally:
+        postgres_service.drop_database(name)
 
 
 def test_a_long_range_answers_from_the_totals_in_milliseconds(db: Database) -> None:
@@ -277,7 +359,7 @@ ZONES = ["UTC", "Asia/Kolkata", "America/New_York", "Asia/Kathmandu", "Australia
 @given(
     events=st.lists(st.tuples(st.booleans(), event_strategy), max_size=60),
     windows=st.lists(
-        st.tuples(st.booleans(), st.sampled_from(["USD", "EUR"]), instant, instant, st.booleans()),
+        st.tuples(st.booleans(), st.sampled_from(["USD", "EUR"]), instant, instant, snapping, snapping),
         min_size=1,
         max_size=len(ZONES),
     ),
@@ -285,7 +367,7 @@ ZONES = ["UTC", "Asia/Kolkata", "America/New_York", "Asia/Kathmandu", "Australia
 def test_budget_totals_from_hours_and_ragged_ends_equal_the_events(
     db: Database,
     events: list[tuple[bool, tuple[LedgerEventType, int, Decimal, str]]],
-    windows: list[tuple[bool, str, int, int, bool]],
+    windows: list[tuple[bool, str, int, int, str, str]],
 ) -> None:
     """Budget windows start and end anywhere (a daily window in Asia/Kolkata starts at :30 UTC): what a
     parent's and a child's policies were charged, per policy and for every policy at once, is exactly the
@@ -307,23 +389,12 @@ def test_budget_totals_from_hours_and_ragged_ends_equal_the_events(
     with db.transaction() as conn:
         ledger_store.insert_events(conn, rows)
     policies: list[tuple[uuid.UUID, uuid.UUID, str, WindowSpec, datetime, datetime]] = []
-    for zone, (of_parent, currency, a, b, snap) in zip(ZONES, windows, strict=False):
-        start, end = sorted((_at(_hourly(a) if snap else a), _at(b)))
+    for zone, (of_parent, currency, a, b, snap_a, snap_b) in zip(ZONES, windows, strict=False):
+        start, end = sorted((_at(_snapped(a, snap_a)), _at(_snapped(b, snap_b))))
         end = max(end, start + timedelta(microseconds=1))
         spec = WindowSpec(TimeWindow.DAILY, WindowType.CALENDAR, zone)
-        policy = PolicyVersion(
-            policy_id=uuid.uuid4(),
-            agent_id=parent if of_parent else child,
-            version=1,
-            terms=PolicyTerms(Money(Decimal(100), currency), spec),
-            status=PolicyStatus.ACTIVE,
-            change_reason="test",
-            changed_by="test",
-            created_at=datetime.now(UTC),
-        )
-        with db.transaction() as conn:
-            policy_store.insert_version(conn, policy)
-        policies.append((policy.policy_id, policy.agent_id, currency, spec, start, end))
+        agent = parent if of_parent else child
+        policies.append((add_policy(db, agent, currency, spec), agent, currency, spec, start, end))
     with db.read() as conn:
         # the bounds are the test's, not the windows' at some instant: any start and end
         bulk = spend.policy_totals(conn, [(spec, start, end) for *_, spec, start, end in policies], BASE)
@@ -400,22 +471,22 @@ def test_budget_holds_for_every_policy_at_once_equal_the_per_policy_ones(
     spec = WindowSpec(TimeWindow.DAILY, WindowType.CALENDAR, "UTC")
     policies = []
     for agent, currency in ((parent, "USD"), (child, "USD"), (child, "EUR")):
-        policy = PolicyVersion(
-            policy_id=uuid.uuid4(),
-            agent_id=agent,
-            version=1,
-            terms=PolicyTerms(Money(Decimal(100), currency), spec),
-            status=PolicyStatus.ACTIVE,
-            change_reason="test",
-            changed_by="test",
-            created_at=datetime.now(UTC),
-        )
-        with db.transaction() as conn:
-            policy_store.insert_version(conn, policy)
-        policies.append((policy.policy_id, agent, currency))
+        policies.append((add_policy(db, agent, currency, spec), agent, currency))
     with db.read() as conn:
         bulk = spend.policy_totals(conn, [(spec, BASE, BASE + timedelta(days=1))], _at(since))
         for policy_id, agent, currency in policies:
             subtree = [parent, child] if agent == parent else [child]
             held, holds = spend.open_reservations(conn, subtree, currency, _at(since))
             assert bulk[policy_id][1:] == (held, holds)
+            # and both are what the requests made: the open ones since the instant (a hold missing from a
+            # reservation's metadata counts as a hold of nothing)
+            still_open = [
+                hold
+                for to_child, at, hold, cur, ending in requests
+                if (child if to_child else parent) in subtree
+                and cur == currency
+                and at >= since
+                and not isinstance(ending, LedgerEventType)
+            ]
+            expected = sum((h for h in still_open if h is not None), Decimal(0))
+            assert (held, holds) == (expected, len(still_open))
