@@ -14,7 +14,9 @@ The app runs headless at 160x48 and opens on the Agents view (the one that grows
   lines). "Drawn" is that frame: the app records a refresh's timing only once it is composed.
 
 The PostgreSQL run creates 1,000 agents (a tenth delegated under others), a daily policy each and a monthly
-one for every third, and 100 ledger events per agent in the current day. Not part of the test suite.
+one for every third, 100 ledger events per agent in the current day and one per agent and hour in the 30 days
+before (``--history-days``), all sealed into Merkle batches as a running deployment's are. Not part of the
+test suite.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import psycopg
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from caracal_ops.cli.context import CliState
@@ -42,11 +46,15 @@ from caracald.admin import agents as agent_admin
 from caracald.admin import policies as policy_admin
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
+from caracald.core.signing import generate_key
+from caracald.integrity import keys, sealer
 from caracald.store import ledger as ledger_store
 from caracald.store.database import Database
 from caracald.store.migrate import migrate
 
 AGENTS = 1000
+#: A month of past spend: a monthly budget then sums weeks of totals, as it does in a real deployment.
+HISTORY_DAYS = 30
 SIZE = (160, 48)
 
 
@@ -129,9 +137,9 @@ def report(label: str, result: dict[str, object]) -> None:
     )
 
 
-def populate(url: str, agents: int = AGENTS) -> None:
+def populate(url: str, agents: int = AGENTS, history_days: int = HISTORY_DAYS) -> None:
     """Fill the database with ``agents`` agents, unless it holds them already (a database filled by an earlier
-    run)."""
+    run): 100 events each in the current day, and one an hour in the ``history_days`` before it."""
     migrate(url)
     now = datetime.now(UTC)
     day = now.replace(hour=0, minute=0, second=0, microsecond=0)
@@ -179,6 +187,32 @@ def populate(url: str, agents: int = AGENTS) -> None:
             ]
             with db.transaction() as conn:
                 ledger_store.insert_events(conn, events)
+        # The history, as the ledger writer would leave it (the spend totals come from the same trigger);
+        # one statement, as a thousand agents' month would take minutes event by event.
+        with db.transaction() as conn:
+            conn.execute("SET LOCAL statement_timeout = 0")  # a bulk load, not a request
+            conn.execute(
+                """
+                INSERT INTO ledger_events (idempotency_key, event_type, agent_id, request_id, occurred_at,
+                                           resource, model, input_tokens, output_tokens, cost, currency)
+                SELECT gen_random_uuid(), 'settlement', a.agent_id, gen_random_uuid(),
+                       h.hour + make_interval(secs => (abs(hashtext(a.agent_id::text)) %% 3600)),
+                       'openai/v1/chat/completions', 'gpt-4o-mini', 1000, 200, 0.0125, 'USD'
+                  FROM agents a
+                 CROSS JOIN generate_series(%(first)s::timestamptz, %(last)s::timestamptz, '1 hour')
+                            AS h(hour)
+                """,
+                {"first": day - timedelta(days=history_days), "last": day - timedelta(hours=1)},
+            )
+    # A deployment's ledger is sealed as it is written (the ledger writer places each event in the Merkle
+    # tree and a sealer signs the batches): so is this one, or the Overview's sealing probe, which runs with
+    # every refresh, would count the whole ledger as waiting each time.
+    key = generate_key(keys.new_key_name(), "ed25519")
+    with psycopg.connect(url) as conn:
+        keys.register(conn, key.public(), datetime.now(UTC))
+        conn.commit()
+        sealer.seal_pending(conn, key, max_age=timedelta(0))
+        conn.commit()
 
 
 def main() -> None:
@@ -188,6 +222,12 @@ def main() -> None:
     parser.add_argument("--database-url", help="An empty database to fill (default: a throw-away server)")
     parser.add_argument("--fake-only", action="store_true")
     parser.add_argument("--refreshes", type=int, default=20)
+    parser.add_argument(
+        "--history-days",
+        type=int,
+        default=HISTORY_DAYS,
+        help="Days of past spend (one event per agent and hour) before today's (default: %(default)s)",
+    )
     args = parser.parse_args()
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; {AGENTS} agents; terminal {SIZE}")
 
@@ -206,10 +246,11 @@ def main() -> None:
         url = service.admin_uri("tui_bench")
     try:
         begun = time.perf_counter()
-        populate(url)
+        populate(url, history_days=args.history_days)
         print(
-            f"(filled PostgreSQL in {time.perf_counter() - begun:.1f} s: "
-            f"{AGENTS} agents, {AGENTS * 100:,} events)"
+            f"(filled PostgreSQL in {time.perf_counter() - begun:.1f} s: {AGENTS} agents, "
+            f"{AGENTS * 100:,} events today and {AGENTS * 24 * args.history_days:,} in the "
+            f"{args.history_days} days before, sealed)"
         )
         live = asyncio.run(
             measure(lambda: LiveSource(CliState(database_url=url, actor="bench")), args.refreshes)
