@@ -296,16 +296,24 @@ def seal_pending(
 
 def pending_count(conn: AnyConnection) -> tuple[int, datetime | None]:
     """How many events wait for a batch to be sealed (placed in an open one, or not placed yet), and when
-    the oldest of them was recorded."""
+    the first of them was recorded.
+
+    Dashboards ask this on every refresh, and when sealing has stopped it is asked about a backlog that
+    grows by the second: the placed events past the last batch are counted from their seqs, which placing
+    keeps gap-free (the highest seq less the sealed tree size; a gap is verify-range's to report), and the
+    oldest is the first one in seq order, so neither reads the backlog. Events not placed yet (inserted by
+    other tools, normally none) are counted, and the oldest of them is the first by event id.
+    """
     with conn.cursor(row_factory=dict_row) as cur:
-        # each part a range of an index: the unplaced ones, and the placed ones past the last batch
         row = cur.execute(
             """
             WITH s AS (SELECT COALESCE((SELECT tree_size FROM merkle_state), 0) AS sealed)
             SELECT (SELECT count(*) FROM ledger_events WHERE seq IS NULL)
-                   + (SELECT count(*) FROM ledger_events, s WHERE seq > s.sealed) AS n,
-                   LEAST((SELECT min(recorded_at) FROM ledger_events WHERE seq IS NULL),
-                         (SELECT min(recorded_at) FROM ledger_events, s WHERE seq > s.sealed)) AS oldest
+                   + GREATEST(COALESCE((SELECT max(seq) FROM ledger_events), 0) - s.sealed, 0) AS n,
+                   LEAST((SELECT recorded_at FROM ledger_events WHERE seq IS NULL ORDER BY event_id LIMIT 1),
+                         (SELECT e.recorded_at FROM ledger_events e WHERE e.seq > s.sealed
+                           ORDER BY e.seq LIMIT 1)) AS oldest
+              FROM s
             """
         ).fetchone()
     assert row is not None

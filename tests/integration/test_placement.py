@@ -210,3 +210,33 @@ def test_events_inserted_without_a_place_are_sealed_too(
     assert_gap_free(events)
     assert batch_sizes(events) == [100, 30, 20]  # the writer's, then those placed by the sealer
     verify(database_url, trusted)
+
+
+def test_the_waiting_count_and_its_oldest_follow_placed_and_unplaced_events(
+    database_url: str, signing: tuple[SigningKey, list[VerifyingKey]]
+) -> None:
+    """What `merkle status` and the dashboard show: every event not in a sealed batch, placed or not, and
+    when the first of them was recorded."""
+    key, _trusted = signing
+    agents = add_agents(database_url, 3)
+
+    def waiting() -> tuple[int, datetime | None]:
+        with psycopg.connect(database_url) as conn:
+            return pending_count(conn)
+
+    def first_recorded(where: str) -> datetime:
+        (row,) = rows(database_url, f"SELECT min(recorded_at) AS at FROM ledger_events WHERE {where}")
+        return row["at"]  # type: ignore[no-any-return]
+
+    assert waiting() == (0, None)
+    write(database_url, make_events(agents, 250))
+    assert waiting() == (250, first_recorded("true"))
+    assert seal(database_url, key) == 200
+    assert waiting() == (50, first_recorded("seq > 200"))
+    # rows another tool inserted, not placed: they wait too
+    with Database(database_url) as db, db.transaction() as conn:
+        extra = [e.to_ledger_event() for e in make_events(agents, 5, start=1000)]
+        assert ledger_store.insert_events(conn, extra) == 5
+    assert waiting() == (55, first_recorded("seq > 200 OR seq IS NULL"))
+    assert seal(database_url, key, max_age=timedelta(0)) == 55
+    assert waiting() == (0, None)
