@@ -22,6 +22,7 @@ from caracald.consumers.ledger_writer import Backoff
 from caracald.core.events import METERING_TOPIC
 from caracald.core.signing import SigningKey, VerifyingKey
 from caracald.integrity import keys, verifier
+from caracald.integrity.batches import IntegrityError
 from caracald.integrity.encoding import CANONICAL_SQL
 from caracald.integrity.sealer import pending_count, seal_pending
 from caracald.store import ledger as ledger_store
@@ -240,3 +241,36 @@ def test_the_waiting_count_and_its_oldest_follow_placed_and_unplaced_events(
     assert waiting() == (55, first_recorded("seq > 200 OR seq IS NULL"))
     assert seal(database_url, key, max_age=timedelta(0)) == 55
     assert waiting() == (0, None)
+
+
+def test_without_a_tree_state_the_writer_records_every_event_and_sealing_resumes_once_it_is_back(
+    database_url: str, signing: tuple[SigningKey, list[VerifyingKey]]
+) -> None:
+    """A deleted ``merkle_state`` row must not cost events: the writer records them without a place, the
+    sealer refuses to guess a tree, and once the row is restored the sealer places and seals them."""
+    key, trusted = signing
+    agents = add_agents(database_url, 3)
+    write(database_url, make_events(agents, 150))
+    assert seal(database_url, key) == 100
+    (state,) = rows(database_url, "SELECT * FROM merkle_state")
+    with psycopg.connect(database_url) as conn:
+        conn.execute("DELETE FROM merkle_state")
+
+    write(database_url, make_events(agents, 40, start=150))
+    recorded = placed(database_url)
+    assert len(recorded) == 190
+    assert [e["seq"] for e in recorded if e["seq"] is not None] == list(range(1, 151))
+    assert rows(database_url, "SELECT count(*) AS n FROM dlq_events")[0]["n"] == 0
+    with pytest.raises(IntegrityError, match="merkle_state"):
+        seal(database_url, key, max_age=timedelta(0))
+
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO merkle_state (origin, tree_size, frontier, last_batch_id, updated_at)"
+            " VALUES (%(origin)s, %(tree_size)s, %(frontier)s, %(last_batch_id)s, %(updated_at)s)",
+            state,
+        )
+    assert seal(database_url, key, max_age=timedelta(0)) == 90
+    events = placed(database_url)
+    assert_gap_free(events)
+    assert verify(database_url, trusted).unsealed_events == 0
