@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 
 .PHONY: setup run test lint typecheck unit integration proof clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py caracald/core/_merkle_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

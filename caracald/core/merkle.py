@@ -15,7 +15,9 @@ for anything malformed.
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Iterable, Sequence
+from typing import overload
 
 from caracald.core.errors import ValidationError
 
@@ -55,6 +57,101 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     h.update(left)
     h.update(right)
     return h.digest()
+
+
+def _packed_leaf_hashes_py(
+    lengths: bytes, data: bytes, key_start: int, key_end: int
+) -> tuple[bytes, bool] | None:
+    if len(lengths) % 4:
+        return None
+    hashes: list[bytes] = []
+    ascending, previous, pos = True, None, 0
+    new = _LEAF_PREFIX.copy
+    view = memoryview(data)
+    for (length,) in struct.iter_unpack(">i", lengths):
+        if length < 0 or length > len(data) - pos:
+            return None
+        h = new()
+        h.update(view[pos : pos + length])
+        hashes.append(h.digest())
+        if ascending:
+            key = data[pos + key_start : pos + key_end]
+            ascending = length >= key_end and (previous is None or previous < key)
+            previous = key
+        pos += length
+    if pos != len(data):
+        return None
+    return b"".join(hashes), ascending
+
+
+def _packed_root_py(hashes: bytes) -> bytes:
+    if not hashes or len(hashes) % HASH_SIZE:
+        raise ValueError(f"leaf hashes must be a non-empty run of {HASH_SIZE}-byte hashes")
+    return root([hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)])
+
+
+try:
+    from caracald.core._merkle_native import packed_leaf_hashes as _packed_leaf_hashes
+    from caracald.core._merkle_native import packed_root as _packed_root
+
+    NATIVE = True
+except ImportError:  # not built (no compiler or OpenSSL headers where it was installed): same results, slower
+    _packed_leaf_hashes, _packed_root = _packed_leaf_hashes_py, _packed_root_py
+    NATIVE = False
+
+
+def packed_leaf_hashes(lengths: bytes, data: bytes, key: slice) -> tuple[bytes, bool] | None:
+    """The leaf hashes of entries stored back to back in ``data``, whose sizes are the big-endian 32-bit
+    integers of ``lengths``: all of them in one ``bytes`` (32 each, in order), and whether every entry holds
+    ``key`` (a ``slice(start, end)``) and those keys strictly increase, compared as bytes. None when the
+    lengths do not add up to ``data`` (a negative one, too many, too few).
+
+    In C when the extension is built (about ten times faster than hashing entry by entry in Python).
+    """
+    return _packed_leaf_hashes(lengths, data, key.start, key.stop)
+
+
+def packed_root(hashes: bytes) -> bytes:
+    """MTH over leaf hashes given back to back (a positive multiple of 32 bytes), as :func:`root`."""
+    return _packed_root(hashes)
+
+
+class PackedHashes(Sequence[bytes]):
+    """32-byte hashes stored back to back, read as a sequence of ``bytes`` (each made when asked for)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        if len(data) % HASH_SIZE:
+            raise ValidationError(f"packed hashes must be a multiple of {HASH_SIZE} bytes long")
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data) // HASH_SIZE
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> PackedHashes: ...
+
+    def __getitem__(self, index: int | slice) -> bytes | PackedHashes:
+        n = len(self)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(n)
+            if step != 1:
+                return PackedHashes(b"".join(self[i] for i in range(start, stop, step)))
+            return PackedHashes(self.data[start * HASH_SIZE : max(start, stop) * HASH_SIZE])
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError("hash index out of range")
+        return self.data[index * HASH_SIZE : (index + 1) * HASH_SIZE]
+
+
+def joined(hashes: Sequence[bytes]) -> bytes:
+    """The hashes back to back (as :class:`PackedHashes` keeps them)."""
+    return hashes.data if isinstance(hashes, PackedHashes) else b"".join(hashes)
 
 
 def _is_hash(value: object) -> bool:

@@ -12,6 +12,7 @@ Anywhere else (autocommit, a pipeline) psycopg's ``Copy`` is used.
 from __future__ import annotations
 
 import contextlib
+import select
 import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -105,11 +106,30 @@ class _Ahead:
             return len(data), data
         if self.end is not None:
             return self.end, b""
-        size, message = self.pg.get_copy_data(0)
+        pg = self.pg
+        while True:
+            size, message = pg.get_copy_data(1)
+            if size != 0:
+                break
+            _wait_readable(pg)
         if size < 0:
             self.end = size
             return size, b""
         return size, bytes(message)
+
+
+def _wait_readable(pg: pq.abc.PGconn) -> None:
+    """Wait until the server has sent more, then take it in. libpq's own blocking reads keep Python's GIL
+    (psycopg's C binding) and would stall every other thread of the process; ``select`` releases it."""
+    select.select([pg.socket], [], [])
+    pg.consume_input()
+
+
+def _result(pg: pq.abc.PGconn) -> pq.abc.PGresult | None:
+    """The next result, waited for without holding the GIL (see :func:`_wait_readable`)."""
+    while pg.is_busy():
+        _wait_readable(pg)
+    return pg.get_result()
 
 
 def _direct(conn: AnyConnection, statement: bytes, ahead: _Ahead) -> Iterator[bytes]:
@@ -117,9 +137,9 @@ def _direct(conn: AnyConnection, statement: bytes, ahead: _Ahead) -> Iterator[by
     # connection must not be used for anything else until the rows are consumed.
     pg = conn.pgconn
     pg.send_query(statement)
-    result = pg.get_result()
+    result = _result(pg)
     if result is None or result.status != pq.ExecStatus.COPY_OUT:
-        while pg.get_result() is not None:
+        while _result(pg) is not None:
             pass
         if result is not None:
             _raise_for(result)
@@ -146,7 +166,7 @@ def _direct(conn: AnyConnection, statement: bytes, ahead: _Ahead) -> Iterator[by
                 while take()[0] >= 0:
                     pass
         failure = None
-        while (result := pg.get_result()) is not None:
+        while (result := _result(pg)) is not None:
             if result.status == pq.ExecStatus.FATAL_ERROR:
                 failure = result
     if failure is not None:

@@ -45,25 +45,24 @@ def _split(n: int) -> int:
 def extend_frontier(size: int, frontier: Sequence[bytes], leaves: Sequence[bytes]) -> tuple[int, list[bytes]]:
     """The ``(size, frontier)`` of a tree after appending ``leaves`` (as ``TreeBuilder.extend``, faster).
 
-    The new leaves are split into the aligned perfect subtrees the tree will hold, each hashed by
-    :func:`caracald.core.merkle.root`'s level-by-level fold, then merged into the frontier like one leaf
-    of their height: about half the interpreter work of appending leaf by leaf.
+    The new leaves are split into the aligned perfect subtrees the tree will hold, each hashed whole by
+    :func:`caracald.core.merkle.packed_root`, then merged into the frontier like one leaf of their height.
     """
     if len(frontier) != size.bit_count():
         raise ValidationError(f"a tree of size {size} has {size.bit_count()} frontier hashes")
+    if not isinstance(leaves, merkle.PackedHashes) and any(len(leaf) != merkle.HASH_SIZE for leaf in leaves):
+        raise ValidationError(f"a leaf hash must be {merkle.HASH_SIZE} bytes")
+    packed, h = merkle.joined(leaves), merkle.HASH_SIZE
     nodes = list(frontier)
-    pos, i, n = size, 0, len(leaves)
-    fold, join = merkle.root, merkle.node_hash
+    pos, i, n = size, 0, len(packed) // h
     while i < n:
         width = pos & -pos if pos else 1 << 62
         while width > n - i:
             width >>= 1
-        node = fold(leaves[i : i + width]) if width > 1 else leaves[i]
-        if len(node) != merkle.HASH_SIZE:
-            raise ValidationError(f"a leaf hash must be {merkle.HASH_SIZE} bytes")
+        node = merkle.packed_root(packed[i * h : (i + width) * h])
         carry = pos // width
         while carry & 1:
-            node = join(nodes.pop(), node)
+            node = merkle.node_hash(nodes.pop(), node)
             carry >>= 1
         nodes.append(node)
         pos += width

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from itertools import accumulate, pairwise
+from itertools import pairwise
 from typing import Any, Final
 from uuid import UUID
 
@@ -62,9 +62,15 @@ from caracald.integrity.encoding import (
     differing_fields,
     raw_fields,
 )
+from caracald.integrity.helpers import HelperSessions, Prefetched
 
 #: Events verified per COPY statement (whole batches): keeps each statement well inside a statement timeout.
 CHUNK_EVENTS: Final = 200_000
+#: Verifications of at least this many events read their rows through helper sessions (see
+#: :mod:`caracald.integrity.helpers`), this many of them, in statements of this many events.
+HELPERS_FROM_EVENTS = 100_000
+HELPER_SESSIONS = 2
+HELPER_CHUNK_EVENTS = 20_000
 #: Problems kept per batch and per report; the first one is what matters, the rest is context.
 MAX_PROBLEMS_PER_BATCH: Final = 10
 MAX_PROBLEMS: Final = 200
@@ -418,8 +424,6 @@ SELECT b.i, r.n, r.named, r.intact, r.lengths, r.data, m.leaf_hashes
  ORDER BY b.i
 """
 _PACKED_FIELDS: Final = 7
-#: Leaves hashed between two looks at the socket (a batch's rows are larger than its buffer).
-_PUMP_EVERY: Final = 256
 _EVENT_ID: Final = EVENT_ID_SLICE
 
 
@@ -433,17 +437,6 @@ class _Packed:
     data: bytes
     #: The batch row's stored leaf hashes (None when NULL).
     leaf_hashes: bytes | None
-
-    def canonicals(self) -> list[bytes] | None:
-        """The rows' canonical bytes, split by their lengths (None if those do not add up)."""
-        n, rest = divmod(len(self.lengths), 4)
-        if rest:
-            return None
-        ends = list(accumulate(struct.unpack(f">{n}i", self.lengths)))
-        if n and (ends[-1] != len(self.data) or min(ends) < 0):
-            return None
-        data = self.data
-        return [data[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def _packed(data: bytes) -> _Packed | None:
@@ -486,7 +479,7 @@ class _Checked:
 
     batch: Batch
     problems: list[Problem]
-    leaves: list[bytes]
+    leaves: Sequence[bytes]
     signed_root: bytes
     root_ok: bool
     diagnose: list[tuple[int, int, bytes]] = field(default_factory=list)
@@ -621,23 +614,23 @@ class _Walk:
         head, signed_root = self.check_head(batch)
         if head or not packed.named or not packed.intact or packed.count != batch.event_count:
             return None
-        canonicals = packed.canonicals()
-        if canonicals is None or len(canonicals) != batch.event_count:
-            return None
-        # Event ids grow with seq (big-endian, so their bytes compare as the numbers for ids >= 0; a
-        # negative id fails here (the last one, if any is) and is judged by check_batch).
-        ids = [c[_EVENT_ID] for c in canonicals]
-        if not ids or ids[-1][0] & 0x80 or not all(map(bytes.__lt__, ids, ids[1:])):
-            return None
-        leaves: list[bytes] = []
-        for i in range(0, len(canonicals), _PUMP_EVERY):
-            pump()
-            leaves += merkle.leaf_hashes(canonicals[i : i + _PUMP_EVERY])
         pump()
+        hashed = merkle.packed_leaf_hashes(packed.lengths, packed.data, _EVENT_ID)
+        pump()
+        if hashed is None:
+            return None
+        leaves, ascending = merkle.PackedHashes(hashed[0]), hashed[1]
+        # Event ids grow with seq (big-endian, so their bytes compare as the numbers for ids >= 0; the last
+        # one's sign bit then covers them all: a negative id is judged by check_batch).
+        if not leaves or len(leaves) != batch.event_count or not ascending:
+            return None
+        last = len(packed.data) - int.from_bytes(packed.lengths[-4:], "big")
+        if packed.data[last + _EVENT_ID.start] & 0x80:
+            return None
         if _root_of(batch, leaves) != signed_root:
             return None
         pump()
-        if not _blocks_ok(batch, leaves, signed_root) or packed.leaf_hashes != b"".join(leaves):
+        if not _blocks_ok(batch, leaves, signed_root) or packed.leaf_hashes != leaves.data:
             return None
         self.prev_size, self.prev_root, self.prev_id = batch.tree_size, signed_root, batch.batch_id
         return _Checked(batch, [], leaves, signed_root, True)
@@ -774,7 +767,7 @@ class _Walk:
         batch = checked.batch
         b = batch.batch_id
         stored = batches.stored_leaves(self.conn, batch)
-        if stored == b"".join(checked.leaves):
+        if stored == merkle.joined(checked.leaves):
             return None
         stored = stored or b""
         recorded = batches.split_hashes(stored)
@@ -850,13 +843,13 @@ class _Walk:
         report.outcomes[batch.batch_id] = problems[0] if problems else None
 
 
-def _chunks(batch_list: Sequence[Batch]) -> Iterator[list[Batch]]:
+def _chunks(batch_list: Sequence[Batch], events: int = CHUNK_EVENTS) -> Iterator[list[Batch]]:
     chunk: list[Batch] = []
     size = 0
     for batch in batch_list:
         chunk.append(batch)
         size += max(batch.event_count, 0)
-        if size >= CHUNK_EVENTS:
+        if size >= events:
             yield chunk
             chunk, size = [], 0
     if chunk:
@@ -864,23 +857,25 @@ def _chunks(batch_list: Sequence[Batch]) -> Iterator[list[Batch]]:
 
 
 # The rows of a chunk come in seq order from the seq index, never from a sort of the whole table (which
-# the planner picks for a large share of rows, and spills to disk); parallel workers would only take the
-# CPU the verifier's own hashing needs.
+# the planner picks for a large share of rows, and spills to disk); a parallel plan's workers would share
+# one statement's work, where helper sessions run whole statements side by side.
 _STREAM_SETTINGS = {"enable_seqscan": "off", "enable_sort": "off", "max_parallel_workers_per_gather": "0"}
 _RESTORE = "SELECT set_config(name, value, true) FROM unnest(%s::text[], %s::text[]) AS s(name, value)"
 
 
-def _check_packed(conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch]) -> list[_Checked] | None:
-    """The batches of ``chunk`` (consecutive) checked from their packed rows, if all of them are right;
-    else None, with ``walk`` back where it was, for the row-by-row check to find what is wrong."""
+def _packed_params(chunk: Sequence[Batch]) -> tuple[list[int], list[int], list[UUID]]:
+    return [_first(b) for b in chunk], [b.tree_size for b in chunk], [b.batch_id for b in chunk]
+
+
+def _check_packed(
+    conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch], prefetched: Prefetched | None = None
+) -> list[_Checked] | None:
+    """The batches of ``chunk`` (consecutive) checked from their packed rows (read by a helper session
+    when ``prefetched``), if all of them are right; else None, with ``walk`` back where it was, for the
+    row-by-row check to find what is wrong."""
     before = walk.prev_size, walk.prev_root, walk.prev_id
-    params = (
-        [_first(b) for b in chunk],
-        [b.tree_size for b in chunk],
-        [b.batch_id for b in chunk],
-    )
     checked: list[_Checked] = []
-    messages = copyrows.rows(conn, _PACKED, params)
+    messages: copyrows.Rows | Prefetched = prefetched or copyrows.rows(conn, _PACKED, _packed_params(chunk))
     try:
         for i, batch in enumerate(chunk, start=1):
             data = next(messages, None)
@@ -893,8 +888,11 @@ def _check_packed(conn: AnyConnection, walk: _Walk, chunk: Sequence[Batch]) -> l
         for _ in messages:  # a row too many: let the row-by-row check see it
             checked = []
     finally:
-        for _ in messages:  # stopped early: read to the end (the connection is needed again)
-            pass
+        if isinstance(messages, Prefetched):
+            messages.abandon()
+        else:
+            for _ in messages:  # stopped early: read to the end (the connection is needed again)
+                pass
     if len(checked) != len(chunk):
         walk.prev_size, walk.prev_root, walk.prev_id = before
         return None
@@ -920,10 +918,19 @@ def _walk(
             "SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name", (names,)
         ).fetchall()
         cur.execute(_RESTORE, (names, list(_STREAM_SETTINGS.values())))
+    helpers = None
+    if sum(max(b.event_count, 0) for b in batch_list) >= HELPERS_FROM_EVENTS:
+        helpers = HelperSessions.open(conn, HELPER_SESSIONS, _STREAM_SETTINGS)
+    chunks = list(_chunks(batch_list, HELPER_CHUNK_EVENTS if helpers else CHUNK_EVENTS))
+    ahead: dict[int, Prefetched] = {}
     try:
-        for chunk in _chunks(batch_list):
+        for index, chunk in enumerate(chunks):
+            if helpers is not None:  # the next chunks' rows, read while this one is checked
+                for later in range(index, min(index + helpers.count + 1, len(chunks))):
+                    if later not in ahead and _contiguous(chunks[later]):
+                        ahead[later] = helpers.submit(_PACKED, _packed_params(chunks[later]))
             if _contiguous(chunk):
-                fast = _check_packed(conn, walk, chunk)
+                fast = _check_packed(conn, walk, chunk, ahead.pop(index, None))
                 if fast is not None:
                     for c in fast:
                         walk.record(c)
@@ -949,6 +956,8 @@ def _walk(
                     )
                 )
     finally:
+        if helpers is not None:
+            helpers.close()
         if conn.info.transaction_status == pq.TransactionStatus.INTRANS:  # put the planner back as it was
             with conn.cursor() as cur:
                 cur.execute(_RESTORE, ([r[0] for r in before], [r[1] for r in before]))

@@ -24,7 +24,7 @@ from caracald.core.audit import AuditEventType
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
 from caracald.core.signing import Checkpoint, generate_key, sign_checkpoint
-from caracald.integrity import encoding, keys, sealer, verifier
+from caracald.integrity import encoding, helpers, keys, sealer, verifier
 from caracald.store import ledger as ledger_store
 from caracald.store.database import Database
 from tests.clitools import block
@@ -111,6 +111,8 @@ class Ledger:
     url: str
     cli: Cli
     sealed: Sealed
+    #: Whether verifications read the rows through helper sessions, one batch per statement.
+    helpers: bool = False
 
     def sql(self, statement: str, params: Any = None) -> list[dict[str, Any]]:
         """Run SQL as a superuser with the guard triggers switched off (a tamperer's session)."""
@@ -141,12 +143,23 @@ class Ledger:
         return self.sealed.batch_ids
 
 
-@pytest.fixture
-def ledger(postgres_service: PostgresService, sealed: Sealed) -> Iterator[Ledger]:
+@pytest.fixture(params=["one-session", "helper-sessions"])
+def ledger(
+    postgres_service: PostgresService,
+    sealed: Sealed,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Ledger]:
+    """A fresh copy of the sealed ledger. Every tampering is looked for twice: with the rows read on the
+    verifier's own connection, and read by helper sessions a batch per statement (as a ledger of 100,000
+    events or more is)."""
+    if request.param == "helper-sessions":
+        monkeypatch.setattr(verifier, "HELPERS_FROM_EVENTS", 0)
+        monkeypatch.setattr(verifier, "HELPER_CHUNK_EVENTS", 1)
     name = f"t_{uuid.uuid4().hex[:16]}"
     url = postgres_service.create_database(name, template=sealed.template)
     cli = Cli(url, env={"CARACAL__INTEGRITY__KEY_DIR": str(sealed.key_dir)})
-    yield Ledger(url, cli, sealed)
+    yield Ledger(url, cli, sealed, helpers=request.param == "helper-sessions")
     postgres_service.drop_database(name)
 
 
@@ -218,7 +231,8 @@ def test_an_intact_ledger_is_verified_from_its_packed_rows(
         report = verifier.verify_all(conn, trusted)
     first = report.first_problem
     assert first is not None and first.kind == "column_mismatch" and first.event_id == event
-    assert row_by_row == ledger.batches
+    # the statement that held it: one batch per statement on helpers, all three on one session
+    assert row_by_row == ([ledger.batches[TARGET_SEQ // 1000]] if ledger.helpers else ledger.batches)
 
 
 def test_guard_triggers_refuse_changes_to_sealed_rows(ledger: Ledger) -> None:
@@ -708,3 +722,100 @@ def test_failures_are_recorded_for_list_batches_and_audited_nowhere_else(ledger:
         "SELECT action FROM audit_log WHERE event_type = %s", (str(AuditEventType.CREDENTIAL),)
     )
     assert [a["action"] for a in audit] == ["merkle.generate_key"]
+
+
+# --------------------------------------------------------------------------- helper sessions
+
+
+@pytest.fixture
+def copy(postgres_service: PostgresService, sealed: Sealed) -> Iterator[Ledger]:
+    """A fresh copy of the sealed ledger, verified with helper sessions, one batch per statement."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    url = postgres_service.create_database(name, template=sealed.template)
+    yield Ledger(url, Cli(url), sealed, helpers=True)
+    postgres_service.drop_database(name)
+
+
+@pytest.fixture
+def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Helper sessions for any ledger, one batch per statement; the number of statements given to helpers
+    in each ``HelperSessions.open``'s life, recorded."""
+    monkeypatch.setattr(verifier, "HELPERS_FROM_EVENTS", 0)
+    monkeypatch.setattr(verifier, "HELPER_CHUNK_EVENTS", 1)
+    counts: list[int] = []
+    submit = helpers.HelperSessions.submit
+
+    def counted(self: helpers.HelperSessions, *args: Any) -> helpers.Prefetched:
+        counts[-1] += 1
+        return submit(self, *args)
+
+    opened = helpers.HelperSessions.open.__func__  # type: ignore[attr-defined]
+
+    def open_counted(cls: type[helpers.HelperSessions], *args: Any) -> helpers.HelperSessions | None:
+        counts.append(0)
+        return opened(cls, *args)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(helpers.HelperSessions, "submit", counted)
+    monkeypatch.setattr(helpers.HelperSessions, "open", classmethod(open_counted))
+    return counts
+
+
+def trusted_keys(ledger: Ledger) -> list[Any]:
+    return [keys.load_signing_key(ledger.sealed.key_dir).public()]
+
+
+def test_helper_sessions_read_the_verifiers_snapshot(
+    copy: Ledger, statements: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows changed after the verification's snapshot was taken are not seen by its helpers either: every
+    batch passes on its packed rows, read by helpers, as the ledger was. The next verification sees them."""
+    row_by_row: list[uuid.UUID] = []
+    check_batch = verifier._Walk.check_batch
+
+    def spy(walk: Any, batch: Any, *args: Any) -> Any:
+        row_by_row.append(batch.batch_id)
+        return check_batch(walk, batch, *args)
+
+    monkeypatch.setattr(verifier._Walk, "check_batch", spy)
+    with psycopg.connect(copy.url) as conn:
+        verifier._snapshot(conn)
+        conn.execute("SELECT count(*) FROM ledger_events").fetchone()  # the snapshot is taken here
+        copy.sql("UPDATE ledger_events SET cost = cost + 1 WHERE seq = %s", (TARGET_SEQ,))
+        report = verifier.verify_all(conn, trusted_keys(copy))
+        assert report.ok, report.first_problem
+        assert report.events_checked == EVENTS
+        assert statements == [3]  # one per batch, all read by helpers
+        assert row_by_row == []  # (the verifier's own session would have seen the ledger as it was)
+        conn.rollback()
+        report = verifier.verify_all(conn, trusted_keys(copy))
+    first = report.first_problem
+    assert first is not None and first.kind == "column_mismatch" and first.seq == TARGET_SEQ
+    assert statements == [3, 3]
+    assert row_by_row == [copy.batches[1]]
+
+
+def test_a_read_committed_verification_reads_on_its_own_session(copy: Ledger, statements: list[int]) -> None:
+    """Statements of a READ COMMITTED transaction each see the ledger anew: no helper can share that view."""
+    with psycopg.connect(copy.url) as conn:
+        conn.execute("SELECT 1")
+        report = verifier.verify_all(conn, trusted_keys(copy))
+    assert report.ok, report.first_problem
+    assert statements == [0]
+
+
+def test_without_helper_sessions_the_verification_goes_on_alone(
+    copy: Ledger, statements: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the server takes no more connections the verifier reads on its own one, and still finds what
+    was changed."""
+    copy.sql("UPDATE ledger_events SET cost = cost + 1 WHERE seq = %s", (TARGET_SEQ,))
+    with psycopg.connect(copy.url) as conn:
+
+        def refused(*args: Any, **kwargs: Any) -> Any:
+            raise psycopg.OperationalError("FATAL: sorry, too many clients already")
+
+        monkeypatch.setattr(helpers.psycopg, "connect", refused)
+        report = verifier.verify_all(conn, trusted_keys(copy))
+    first = report.first_problem
+    assert first is not None and first.kind == "column_mismatch" and first.seq == TARGET_SEQ
+    assert statements == [0]

@@ -1,0 +1,6 @@
+# The C extension built from _merkle_native.c (see caracald/core/merkle.py for what each function does).
+
+def packed_leaf_hashes(
+    lengths: bytes, data: bytes, key_start: int, key_end: int, /
+) -> tuple[bytes, bool] | None: ...
+def packed_root(hashes: bytes, /) -> bytes: ...
