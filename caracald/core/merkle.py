@@ -87,7 +87,7 @@ def _packed_leaf_hashes_py(
 def _packed_root_py(hashes: bytes) -> bytes:
     if not hashes or len(hashes) % HASH_SIZE:
         raise ValueError(f"leaf hashes must be a non-empty run of {HASH_SIZE}-byte hashes")
-    return root([hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)])
+    return _fold([hashes[i : i + HASH_SIZE] for i in range(0, len(hashes), HASH_SIZE)])
 
 
 try:
@@ -169,14 +169,21 @@ def _check_leaf_hashes(leaves: Sequence[bytes]) -> None:
 
 
 def root(leaf_hashes: Sequence[bytes]) -> bytes:
-    """MTH over the given leaf hashes.
+    """MTH over the given leaf hashes (in C when the extension is built, see :func:`packed_root`)."""
+    if not leaf_hashes:
+        return EMPTY_ROOT
+    _check_leaf_hashes(leaf_hashes)
+    if len(leaf_hashes) == 1:
+        return bytes(leaf_hashes[0])
+    return _packed_root(joined(leaf_hashes))
+
+
+def _fold(leaf_hashes: Sequence[bytes]) -> bytes:
+    """MTH over one or more leaf hashes, in Python.
 
     Folds level by level: pairing neighbours and promoting an odd last node unchanged builds exactly
     the RFC's tree, with about ``n`` hashes, ``O(n)`` memory and no recursion.
     """
-    if not leaf_hashes:
-        return EMPTY_ROOT
-    _check_leaf_hashes(leaf_hashes)
     level: Sequence[bytes] = leaf_hashes
     new = _NODE_PREFIX.copy
     while len(level) > 1:
