@@ -62,12 +62,12 @@ from caracald.integrity.encoding import (
     differing_fields,
     raw_fields,
 )
-from caracald.integrity.helpers import HelperSessions, Prefetched
+from caracald.integrity.helper_sessions import HelperSessions, Prefetched
 
 #: Events verified per COPY statement (whole batches): keeps each statement well inside a statement timeout.
 CHUNK_EVENTS: Final = 200_000
 #: Verifications of at least this many events read their rows through helper sessions (see
-#: :mod:`caracald.integrity.helpers`), this many of them, in statements of this many events.
+#: :mod:`caracald.integrity.helper_sessions`), this many of them, in statements of this many events.
 HELPERS_FROM_EVENTS = 100_000
 HELPER_SESSIONS = 2
 HELPER_CHUNK_EVENTS = 20_000

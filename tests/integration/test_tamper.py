@@ -24,7 +24,7 @@ from caracald.core.audit import AuditEventType
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
 from caracald.core.signing import Checkpoint, generate_key, sign_checkpoint
-from caracald.integrity import encoding, helpers, keys, sealer, verifier
+from caracald.integrity import encoding, helper_sessions, keys, sealer, verifier
 from caracald.store import ledger as ledger_store
 from caracald.store.database import Database
 from tests.clitools import block
@@ -205,19 +205,25 @@ def test_intact_ledger_verifies(ledger: Ledger) -> None:
     assert fields["Merkle Root"].startswith("0x") and len(fields["Merkle Root"]) == 66
 
 
-def test_an_intact_ledger_is_verified_from_its_packed_rows(
-    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Intact batches pass on their packed rows alone; anything wrong sends them to the row-by-row check,
-    which names the event."""
-    row_by_row: list[uuid.UUID] = []
+@pytest.fixture
+def row_by_row(monkeypatch: pytest.MonkeyPatch) -> list[uuid.UUID]:
+    """The batches sent to the row-by-row check (those whose packed rows did not pass), in order."""
+    sent: list[uuid.UUID] = []
     check_batch = verifier._Walk.check_batch
 
     def spy(walk: Any, batch: Any, *args: Any) -> Any:
-        row_by_row.append(batch.batch_id)
+        sent.append(batch.batch_id)
         return check_batch(walk, batch, *args)
 
     monkeypatch.setattr(verifier._Walk, "check_batch", spy)
+    return sent
+
+
+def test_an_intact_ledger_is_verified_from_its_packed_rows(
+    ledger: Ledger, row_by_row: list[uuid.UUID]
+) -> None:
+    """Intact batches pass on their packed rows alone; anything wrong sends them to the row-by-row check,
+    which names the event."""
     trusted = [keys.load_signing_key(ledger.sealed.key_dir).public()]
     with psycopg.connect(ledger.url) as conn:
         report = verifier.verify_all(conn, trusted)
@@ -743,20 +749,22 @@ def statements(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     monkeypatch.setattr(verifier, "HELPERS_FROM_EVENTS", 0)
     monkeypatch.setattr(verifier, "HELPER_CHUNK_EVENTS", 1)
     counts: list[int] = []
-    submit = helpers.HelperSessions.submit
+    submit = helper_sessions.HelperSessions.submit
 
-    def counted(self: helpers.HelperSessions, *args: Any) -> helpers.Prefetched:
+    def counted(self: helper_sessions.HelperSessions, *args: Any) -> helper_sessions.Prefetched:
         counts[-1] += 1
         return submit(self, *args)
 
-    opened = helpers.HelperSessions.open.__func__  # type: ignore[attr-defined]
+    opened = helper_sessions.HelperSessions.open.__func__  # type: ignore[attr-defined]
 
-    def open_counted(cls: type[helpers.HelperSessions], *args: Any) -> helpers.HelperSessions | None:
+    def open_counted(
+        cls: type[helper_sessions.HelperSessions], *args: Any
+    ) -> helper_sessions.HelperSessions | None:
         counts.append(0)
         return opened(cls, *args)  # type: ignore[no-any-return]
 
-    monkeypatch.setattr(helpers.HelperSessions, "submit", counted)
-    monkeypatch.setattr(helpers.HelperSessions, "open", classmethod(open_counted))
+    monkeypatch.setattr(helper_sessions.HelperSessions, "submit", counted)
+    monkeypatch.setattr(helper_sessions.HelperSessions, "open", classmethod(open_counted))
     return counts
 
 
@@ -765,18 +773,10 @@ def trusted_keys(ledger: Ledger) -> list[Any]:
 
 
 def test_helper_sessions_read_the_verifiers_snapshot(
-    copy: Ledger, statements: list[int], monkeypatch: pytest.MonkeyPatch
+    copy: Ledger, statements: list[int], row_by_row: list[uuid.UUID]
 ) -> None:
     """Rows changed after the verification's snapshot was taken are not seen by its helpers either: every
     batch passes on its packed rows, read by helpers, as the ledger was. The next verification sees them."""
-    row_by_row: list[uuid.UUID] = []
-    check_batch = verifier._Walk.check_batch
-
-    def spy(walk: Any, batch: Any, *args: Any) -> Any:
-        row_by_row.append(batch.batch_id)
-        return check_batch(walk, batch, *args)
-
-    monkeypatch.setattr(verifier._Walk, "check_batch", spy)
     with psycopg.connect(copy.url) as conn:
         verifier._snapshot(conn)
         conn.execute("SELECT count(*) FROM ledger_events").fetchone()  # the snapshot is taken here
@@ -814,7 +814,7 @@ def test_without_helper_sessions_the_verification_goes_on_alone(
         def refused(*args: Any, **kwargs: Any) -> Any:
             raise psycopg.OperationalError("FATAL: sorry, too many clients already")
 
-        monkeypatch.setattr(helpers.psycopg, "connect", refused)
+        monkeypatch.setattr(helper_sessions.psycopg, "connect", refused)
         report = verifier.verify_all(conn, trusted_keys(copy))
     first = report.first_problem
     assert first is not None and first.kind == "column_mismatch" and first.seq == TARGET_SEQ
