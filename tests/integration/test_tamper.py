@@ -738,7 +738,8 @@ def copy(postgres_service: PostgresService, sealed: Sealed) -> Iterator[Ledger]:
     """A fresh copy of the sealed ledger, verified with helper sessions, one batch per statement."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     url = postgres_service.create_database(name, template=sealed.template)
-    yield Ledger(url, Cli(url), sealed, helpers=True)
+    cli = Cli(url, env={"CARACAL__INTEGRITY__KEY_DIR": str(sealed.key_dir)})
+    yield Ledger(url, cli, sealed, helpers=True)
     postgres_service.drop_database(name)
 
 
@@ -792,6 +793,13 @@ def test_helper_sessions_read_the_verifiers_snapshot(
     assert first is not None and first.kind == "column_mismatch" and first.seq == TARGET_SEQ
     assert statements == [3, 3]
     assert row_by_row == [copy.batches[1]]
+
+
+def test_the_cli_verifies_through_helper_sessions(copy: Ledger, statements: list[int]) -> None:
+    code, fields, text = copy.verify_range()
+    assert code == 0, text
+    assert fields["Event Count"] == "2,500"
+    assert statements == [3]
 
 
 def test_a_read_committed_verification_reads_on_its_own_session(copy: Ledger, statements: list[int]) -> None:
