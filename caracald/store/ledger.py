@@ -14,44 +14,57 @@ from caracald.core.ledger import CHARGED_EVENT_TYPES, SPENDING_EVENT_TYPES, Ledg
 from caracald.core.money import Money
 from caracald.store.database import Connection
 
+#: The columns :func:`insert_events` fills, with their array types for ``unnest``.
+_INSERTED: tuple[tuple[str, str], ...] = (
+    ("idempotency_key", "uuid"),
+    ("event_type", "text"),
+    ("agent_id", "uuid"),
+    ("request_id", "uuid"),
+    ("occurred_at", "timestamptz"),
+    ("resource", "text"),
+    ("model", "text"),
+    ("input_tokens", "bigint"),
+    ("output_tokens", "bigint"),
+    ("cached_input_tokens", "bigint"),
+    ("cost", "numeric"),
+    ("currency", "text"),
+    ("metadata", "jsonb"),
+)
+_COLUMNS = ", ".join(name for name, _ in _INSERTED)
+# One statement for the whole list (the ledger's statement triggers then run once, not once per event),
+# inserting in the list's order.
+_INSERT_EVENTS = f"""
+INSERT INTO ledger_events ({_COLUMNS})
+SELECT {_COLUMNS}
+  FROM unnest({", ".join(f"%s::{kind}[]" for _, kind in _INSERTED)}) WITH ORDINALITY AS e({_COLUMNS}, ord)
+ ORDER BY ord
+ON CONFLICT (idempotency_key) DO NOTHING
+"""
+
 
 def insert_events(conn: Connection, events: Iterable[LedgerEvent]) -> int:
     """Insert events, skipping any whose idempotency key is already recorded. Returns how many were new."""
-    rows = [
-        (
-            e.idempotency_key,
-            str(e.event_type),
-            e.agent_id,
-            e.request_id,
-            e.occurred_at,
-            e.resource,
-            e.model,
-            e.input_tokens,
-            e.output_tokens,
-            e.cached_input_tokens,
-            e.cost.amount,
-            e.cost.currency,
-            Jsonb(e.metadata),
-        )
-        for e in events
-    ]
-    if not rows:
+    listed = list(events)
+    if not listed:
         return 0
-    inserted = 0
+    columns = (
+        [e.idempotency_key for e in listed],
+        [str(e.event_type) for e in listed],
+        [e.agent_id for e in listed],
+        [e.request_id for e in listed],
+        [e.occurred_at for e in listed],
+        [e.resource for e in listed],
+        [e.model for e in listed],
+        [e.input_tokens for e in listed],
+        [e.output_tokens for e in listed],
+        [e.cached_input_tokens for e in listed],
+        [e.cost.amount for e in listed],
+        [e.cost.currency for e in listed],
+        [Jsonb(e.metadata) for e in listed],
+    )
     with conn.cursor() as cur:
-        cur.executemany(
-            """
-            INSERT INTO ledger_events (idempotency_key, event_type, agent_id, request_id, occurred_at,
-                                       resource, model, input_tokens, output_tokens, cached_input_tokens,
-                                       cost, currency, metadata)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            ON CONFLICT (idempotency_key) DO NOTHING
-            """,
-            rows,
-            returning=False,
-        )
-        inserted = cur.rowcount
-    return max(inserted, 0)
+        cur.execute(_INSERT_EVENTS, columns)
+        return max(cur.rowcount, 0)
 
 
 def spending(

@@ -235,7 +235,8 @@ def test_the_daily_totals_migration_fills_the_days_already_recorded(
                 agent = add_agent(conn)
                 ledger_store.insert_events(conn, _settlements(agent, range(0, 3000, 7)))
             monkeypatch.undo()
-            assert [m.name for m in migrate_module.migrate(url).applied] == ["spend_daily"]
+            applied = [m.name for m in migrate_module.migrate(url).applied]
+            assert applied == [m.name for m in everything[daily.version - 1 :]]
             days, from_hours = rolled_up(db, agent)
             assert len(days) == 3 and days == from_hours
             # and from then on the trigger keeps them
