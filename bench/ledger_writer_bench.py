@@ -49,6 +49,7 @@ from caracald.core.ledger import LedgerEventType  # noqa: E402
 from caracald.core.money import Money  # noqa: E402
 from caracald.integrity import keys  # noqa: E402
 from caracald.integrity.sealer import pending_count  # noqa: E402
+from caracald.runtime.daemon import tune_interpreter  # noqa: E402
 from caracald.store.database import Database  # noqa: E402
 from caracald.store.migrate import migrate  # noqa: E402
 
@@ -325,6 +326,7 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
             sealer = make_sealer(url, Path(key_dir), args.seal_batch, args.seal_interval)
         consumer = TimedConsumer(KafkaBatchConsumer(config, f"bench-{uuid.uuid4().hex[:8]}", [topic]))
         print(f"draining with one ledger writer{' and its sealer' if sealer else ''} ...", flush=True)
+        tune_interpreter()  # as `caracald ledger-writer` runs
         load = LoadSampler()
         cpu_before = (own_cpu(), postgres_cpu(url))
         if sealer is not None:

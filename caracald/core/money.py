@@ -92,7 +92,7 @@ def _exponent(scale: int) -> Decimal:
 _QUANTA: dict[str, tuple[str, Decimal]] = {}
 
 
-def _quantum(currency: str) -> tuple[str, Decimal]:
+def ledger_quantum(currency: str) -> tuple[str, Decimal]:
     """``(normalised code, ledger quantum)`` of a currency as spelled, memoised: every Money needs it."""
     found = _QUANTA.get(currency)
     if found is None:
@@ -126,7 +126,7 @@ class Money:
     def __post_init__(self) -> None:
         if not isinstance(self.amount, Decimal):
             raise TypeError(f"Money amount must be a Decimal, got {type(self.amount).__name__}")
-        currency, quantum = _quantum(self.currency)
+        currency, quantum = ledger_quantum(self.currency)
         if not self.amount.is_finite():
             raise ValidationError("amount must be finite")
         try:
