@@ -43,7 +43,7 @@ import psycopg  # noqa: E402
 from caracald.bus.base import Record, event_headers  # noqa: E402
 from caracald.bus.kafka import KafkaBatchConsumer, KafkaProducer, create_topics  # noqa: E402
 from caracald.consumers.ledger_writer import LedgerWriter  # noqa: E402
-from caracald.consumers.sealing import PeriodicSealer  # noqa: E402
+from caracald.consumers.sealing import DEFAULT_INTERVAL, PeriodicSealer  # noqa: E402
 from caracald.core.events import MeteringEvent, encode  # noqa: E402
 from caracald.core.ledger import LedgerEventType  # noqa: E402
 from caracald.core.money import Money  # noqa: E402
@@ -185,7 +185,9 @@ def main() -> int:
         "--seal", action=argparse.BooleanOptionalAction, default=True, help="Merkle sealing while draining"
     )
     parser.add_argument("--seal-batch", type=int, default=1000, help="events per Merkle batch")
-    parser.add_argument("--seal-interval", type=float, default=5.0, help="seconds between sealing rounds")
+    parser.add_argument(
+        "--seal-interval", type=float, default=DEFAULT_INTERVAL, help="seconds between sealing rounds"
+    )
     parser.add_argument("--bootstrap-servers", default=os.environ.get("CARACAL_KAFKA_BOOTSTRAP_SERVERS"))
     parser.add_argument(
         "--database-url",
@@ -293,11 +295,33 @@ def drain(
     return consumer.first_records_at or finished, finished
 
 
-def wait_sealed(url: str, sealer: PeriodicSealer, seal_batch: int) -> float:
-    """Wait until every full batch is sealed (or sealing failed); the wall time then."""
-    while unsealed_count(url) >= seal_batch and sealer.last_error is None:
-        time.sleep(0.5)
-    return time.time()
+class SealWatcher:
+    """Notes when the sealed tree first reaches ``target`` events (``merkle_state.tree_size``, polled every
+    0.1 s on a thread): the drain's writer waits out ``idle_exit`` seconds before it returns, so asking once
+    it has would time that wait as sealing."""
+
+    def __init__(self, url: str, target: int) -> None:
+        self.url = url
+        self.target = target
+        self.done_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="seal-watcher", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(0.1):
+                row = conn.execute("SELECT tree_size FROM merkle_state").fetchone()
+                if row is not None and row[0] >= self.target:
+                    self.done_at = time.time()
+                    return
+
+    def wait(self, sealer: PeriodicSealer) -> float:
+        """Wait until the target is sealed (or sealing failed); when it was reached (now on a failure)."""
+        while self._thread.is_alive() and sealer.last_error is None:
+            self._thread.join(0.5)
+        self._stop.set()
+        return self.done_at or time.time()
 
 
 def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
@@ -329,7 +353,9 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
         tune_interpreter()  # as `caracald ledger-writer` runs
         load = LoadSampler()
         cpu_before = (own_cpu(), postgres_cpu(url))
+        watcher = None
         if sealer is not None:
+            watcher = SealWatcher(url, args.events // args.seal_batch * args.seal_batch)
             sealer.start()
         started, finished = drain(consumer, url, producer, dlq_topic, args.batch_size, args.seal_batch)
         producer.close()
@@ -339,8 +365,8 @@ def run(args: argparse.Namespace, bootstrap: str, url: str) -> int:
         print(
             f"ledger writer: {applied:,} events in {seconds:.1f} s = {rate:,.0f} events/s (target {TARGET:,})"
         )
-        if sealer is not None:
-            sealed_at = wait_sealed(url, sealer, args.seal_batch)
+        if sealer is not None and watcher is not None:
+            sealed_at = watcher.wait(sealer)
             sealer.stop()
             left = unsealed_count(url)
             sealed_rate = (applied - left) / (sealed_at - started)

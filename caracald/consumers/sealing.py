@@ -27,6 +27,10 @@ from caracald.runtime.config import CaracalConfig
 
 _log = logging.getLogger(__name__)
 
+#: Seconds between sealing rounds. A round with nothing due costs a few index lookups; a batch the writer
+#: filled waits at most this long to be sealed (and a backlog's last batches too).
+DEFAULT_INTERVAL = 1.0
+
 
 class PeriodicSealer:
     """Seals due batches every ``interval`` seconds on a thread of its own, until :meth:`stop`."""
@@ -38,7 +42,7 @@ class PeriodicSealer:
         *,
         batch_size: int = 1000,
         max_age: timedelta = timedelta(minutes=5),
-        interval: float = 5.0,
+        interval: float = DEFAULT_INTERVAL,
         connect_timeout: int = 5,
     ) -> None:
         self.database_url = database_url
@@ -54,7 +58,9 @@ class PeriodicSealer:
         self._said_no_key = False
 
     @classmethod
-    def for_config(cls, config: CaracalConfig, database_url: str, *, interval: float = 5.0) -> PeriodicSealer:
+    def for_config(
+        cls, config: CaracalConfig, database_url: str, *, interval: float = DEFAULT_INTERVAL
+    ) -> PeriodicSealer:
         integrity = config.integrity
         return cls(
             database_url,

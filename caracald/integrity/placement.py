@@ -9,10 +9,12 @@ still works and costs a second version of every row, which is why the writer doe
 
 The writer fills the open batch (the one the newest placed event is in) up to ``max_batch`` events, then
 opens new ones; the sealer closes a batch when it is full, when a later batch has begun, or when its oldest
-event has waited ``max_age``. Placing and closing take the sealer's advisory lock, held by the writer until
-its transaction ends: a batch is never closed while a writer is adding to it, and seqs stay gap-free with any
-number of writers. Within a batch, seqs follow event ids (the verifier checks it): the writer draws the ids
-from the identity sequence under the lock, in the order the events came, and numbers them in that order.
+event has waited ``max_age``. Placing takes an advisory lock, held by the writer until its transaction ends,
+so seqs stay gap-free with any number of writers; the sealer takes it too unless a later batch has begun
+(then no writer adds to the batch again), so a batch is never closed while a writer is adding to it, and a
+writer is never held up by the sealing of batches it has left behind. Within a batch, seqs follow event ids
+(the verifier checks it): the writer draws the ids from the identity sequence under the lock, in the order the
+events came, and numbers them in that order.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from psycopg.rows import tuple_row
 from caracald.integrity.batches import AnyConnection
 from caracald.integrity.encoding import canonical_sql
 
-#: Serialises placing and sealing (the event log uses 0x0CA7E100, migrations 0x0CA7AC41, the audit chain
-#: 0x0CA7A0D1).
+#: Serialises placing, and sealing a batch that may still be filling (the event log uses 0x0CA7E100,
+#: migrations 0x0CA7AC41, the audit chain 0x0CA7A0D1, the sealers 0x0CA7B47D).
 SEAL_LOCK_KEY: Final = 0x0CA7B47C
 
 #: Events per batch unless configured (integrity.batch_size).

@@ -1,9 +1,11 @@
 """Sealing: placed or unsealed ledger events into signed, chained Merkle batches.
 
 :func:`seal_pending` is what a ledger writer runs periodically (and what ``caracal merkle seal`` runs).
-Each batch is sealed in one transaction under the placing and sealing advisory lock
-(:mod:`caracald.integrity.placement`), so any number of writers may call it at once: one seals, the others
-return at once (``busy``), and nothing is sealed twice. Per batch it
+Each batch is sealed in one transaction under the sealer's advisory lock, so any number of writers may call
+it at once: one seals, the others return at once (``busy``), and nothing is sealed twice. A batch the
+writers have moved past (a committed event after it is in another batch) is sealed without stopping them; a
+batch that may still be filling, and events without a place, are sealed under the placing lock as well
+(:mod:`caracald.integrity.placement`), waiting for a writer's transaction to end. Per batch it
 
 1. finds the next batch: the one the ledger writer placed the next events in (their seq, batch and
    canonical bytes written with them), due when it is full, a later batch has begun, or its oldest event
@@ -34,10 +36,10 @@ from psycopg.rows import dict_row, tuple_row
 from caracald.core import merkle
 from caracald.core.errors import ValidationError
 from caracald.core.signing import Checkpoint, SigningKey, sign_checkpoint
-from caracald.integrity import batches, keys, metrics
+from caracald.integrity import batches, keys, metrics, placement
 from caracald.integrity.batches import AnyConnection, IntegrityError
 from caracald.integrity.encoding import EVENT_ID_SLICE, canonical_sql
-from caracald.integrity.placement import DEFAULT_MAX_BATCH, SEAL_LOCK_KEY
+from caracald.integrity.placement import DEFAULT_MAX_BATCH
 from caracald.integrity.proofs import (
     PartialTree,
     block_hashes,
@@ -47,6 +49,10 @@ from caracald.integrity.proofs import (
 from caracald.runtime.config import CaracalConfig
 
 DEFAULT_MAX_AGE: Final = timedelta(minutes=5)
+
+#: One sealer at a time (the placing lock, caracald.integrity.placement.SEAL_LOCK_KEY, is taken as well when
+#: the batch to seal may still be filling).
+SEALER_LOCK_KEY: Final = 0x0CA7B47D
 
 # A placed batch's events in one row, their canonical bytes packed back to back in seq order with their
 # lengths (as the verifier reads them): a thousand rows converted one by one cost the sealer more than the
@@ -157,26 +163,41 @@ def _placed_batch(
     return batch_id, due
 
 
-def _seal_one(
-    conn: AnyConnection, key: SigningKey, *, max_batch: int, max_age: timedelta, now: datetime, wait: bool
-) -> SealedBatch | bool | None:
-    """Seal at most one batch in the current transaction. False when another sealer holds the lock."""
-    started = time.perf_counter()
+def _closed_batch(conn: AnyConnection, state: batches.TreeState | None) -> uuid.UUID | None:
+    """The next batch to seal when the writers have moved past it: a committed event after it is in another
+    batch. Then every event of it is committed too (placing appends in seq order under the placing lock) and
+    no writer adds to it again (they add only to the batch of the highest seq), so it is sealed without that
+    lock. One statement, so one snapshot, decides."""
+    if state is None:
+        return None
     with conn.cursor(row_factory=tuple_row) as cur:
-        lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
-        got = cur.execute(f"SELECT {lock}(%s)", (SEAL_LOCK_KEY,)).fetchone()
-        if not wait and not (got and got[0]):
-            return False
-    placed = _placed_batch(conn, batches.find_state(conn), max_batch=max_batch, max_age=max_age, now=now)
-    if placed is not None:
-        batch_id, due = placed
-        if not due:
-            return None
-        state = _signable_state(conn, key)
-        with conn.cursor(row_factory=tuple_row, binary=True) as cur:
-            packed = cur.execute(_PLACED_EVENTS, (batch_id,)).fetchone()
-        assert packed is not None  # an aggregate: one row
-        return _close(conn, key, state, batch_id, _Events.packed(batch_id, *packed), now, started)
+        row = cur.execute(
+            # batches hold runs of seqs, so "an event after it is in another batch" is "the last one is":
+            # two index probes, however many events follow
+            """
+            SELECT f.merkle_root_id
+              FROM ledger_events f,
+                   LATERAL (SELECT t.merkle_root_id FROM ledger_events t
+                             WHERE t.seq IS NOT NULL ORDER BY t.seq DESC LIMIT 1) top
+             WHERE f.seq = %(next)s AND top.merkle_root_id IS DISTINCT FROM f.merkle_root_id
+            """,
+            {"next": state.tree_size + 1},
+        ).fetchone()
+    return None if row is None else row[0]
+
+
+def _seal_placed(
+    conn: AnyConnection, key: SigningKey, batch_id: uuid.UUID, now: datetime, started: float
+) -> SealedBatch:
+    state = _signable_state(conn, key)
+    with conn.cursor(row_factory=tuple_row, binary=True) as cur:
+        packed = cur.execute(_PLACED_EVENTS, (batch_id,)).fetchone()
+    assert packed is not None  # an aggregate: one row
+    return _close(conn, key, state, batch_id, _Events.packed(batch_id, *packed), now, started)
+
+
+def _unplaced_due(conn: AnyConnection, *, max_batch: int, max_age: timedelta, now: datetime) -> bool:
+    """Whether events without a place wait to be sealed: ``max_batch`` of them, or one ``max_age`` old."""
     with conn.cursor(row_factory=tuple_row) as cur:
         peek = cur.execute(
             "SELECT count(*), min(recorded_at) FROM"
@@ -185,7 +206,43 @@ def _seal_one(
         ).fetchone()
     assert peek is not None
     pending, oldest = int(peek[0]), peek[1]
-    if pending == 0 or (pending < max_batch and oldest > now - max_age):
+    return pending > 0 and (pending >= max_batch or oldest <= now - max_age)
+
+
+def _due(conn: AnyConnection, *, max_batch: int, max_age: timedelta, now: datetime) -> bool:
+    """Whether a batch is due: the next placed one or, when none is placed, events without a place."""
+    placed = _placed_batch(conn, batches.find_state(conn), max_batch=max_batch, max_age=max_age, now=now)
+    if placed is not None:
+        return placed[1]
+    return _unplaced_due(conn, max_batch=max_batch, max_age=max_age, now=now)
+
+
+def _seal_one(
+    conn: AnyConnection, key: SigningKey, *, max_batch: int, max_age: timedelta, now: datetime, wait: bool
+) -> SealedBatch | bool | None:
+    """Seal at most one batch in the current transaction. False when another sealer holds the lock."""
+    started = time.perf_counter()
+    with conn.cursor(row_factory=tuple_row) as cur:
+        lock = "pg_advisory_xact_lock" if wait else "pg_try_advisory_xact_lock"
+        got = cur.execute(f"SELECT {lock}(%s)", (SEALER_LOCK_KEY,)).fetchone()
+        if not wait and not (got and got[0]):
+            return False
+    closed = _closed_batch(conn, batches.find_state(conn))
+    if closed is not None:
+        return _seal_placed(conn, key, closed, now, started)
+    # The next batch may still be filling, or events wait without a place. Nothing due as committed now: done
+    # for this round, without waiting for a writer. Else decide again under the placing lock (waiting for a
+    # writer's transaction to end), so that no writer adds to the batch or places events meanwhile.
+    if not _due(conn, max_batch=max_batch, max_age=max_age, now=now):
+        return None
+    placement.lock(conn)
+    placed = _placed_batch(conn, batches.find_state(conn), max_batch=max_batch, max_age=max_age, now=now)
+    if placed is not None:
+        batch_id, due = placed
+        if not due:
+            return None
+        return _seal_placed(conn, key, batch_id, now, started)
+    if not _unplaced_due(conn, max_batch=max_batch, max_age=max_age, now=now):
         return None
     state = _signable_state(conn, key)
     batch_id = uuid.uuid4()

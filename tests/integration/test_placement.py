@@ -21,7 +21,7 @@ from caracald.consumers import ledger_writer
 from caracald.consumers.ledger_writer import Backoff
 from caracald.core.events import METERING_TOPIC
 from caracald.core.signing import SigningKey, VerifyingKey
-from caracald.integrity import keys, verifier
+from caracald.integrity import keys, placement, verifier
 from caracald.integrity.batches import IntegrityError
 from caracald.integrity.encoding import CANONICAL_SQL
 from caracald.integrity.sealer import pending_count, seal_pending
@@ -159,6 +159,30 @@ def test_the_writer_places_events_and_the_sealer_only_closes_batches(
     # the next events open a new batch: the closed one is not reopened
     write(database_url, make_events(agents, 30, start=250))
     assert_placed_then_sealed(database_url, key, trusted, [100, 100, 50, 30])
+
+
+def test_the_sealer_closes_batches_a_writer_has_left_without_waiting_for_it(
+    database_url: str, signing: tuple[SigningKey, list[VerifyingKey]]
+) -> None:
+    """Batches with a later batch begun are sealed while a writer holds the placing lock (a busy writer no
+    longer holds sealing back); the batch it may still be adding to waits for its transaction."""
+    key, trusted = signing
+    write(database_url, make_events(add_agents(database_url, 2), 250))  # batches of 100, 100, 50
+    with psycopg.connect(database_url) as writer:
+        placement.lock(writer)  # a writer in the middle of a transaction
+        assert seal(database_url, key) == 200
+
+        by_age: list[int] = []
+        closing = threading.Thread(
+            target=lambda: by_age.append(seal(database_url, key, max_age=timedelta(0)))
+        )
+        closing.start()
+        closing.join(0.5)
+        assert closing.is_alive(), "the open batch must wait for the writer's transaction"
+        writer.rollback()
+        closing.join(30)
+    assert by_age == [50]
+    assert verify(database_url, trusted).unsealed_events == 0
 
 
 def test_replayed_and_duplicate_events_leave_seqs_gap_free(
