@@ -141,6 +141,19 @@ def _copy_text(value: str) -> str:
     return value.translate(_COPY_ESCAPES) if _COPY_SPECIAL.search(value) else value
 
 
+# Agents, policies, resources and models recur from event to event: remembering the answers for them is
+# cheaper than working them out again (0.1 against 0.6 to 0.9 us each).
+_repeated = functools.lru_cache(maxsize=4096)
+
+
+@_repeated
+def _canonical_uuid(text: str) -> bool:
+    return _CANONICAL_UUID.match(text) is not None
+
+
+_copy_text_repeated = _repeated(_copy_text)
+
+
 def _event_id(request_id: str, kind: str) -> str:
     """``str(event_id_for(UUID(request_id), kind))`` for a canonical request id, without UUID objects."""
     digest = bytearray(
@@ -190,7 +203,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         or kind not in _KINDS
         or type(kind) is not str
         or not _CANONICAL_UUID.match(request_id)
-        or not _CANONICAL_UUID.match(agent_id)
+        or not _canonical_uuid(agent_id)
     ):
         return None
     event_id = _event_id(request_id, kind)
@@ -232,7 +245,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         if type(policy_ids) is not list:
             return None
         for policy_id in policy_ids:
-            if type(policy_id) is not str or not _CANONICAL_UUID.match(policy_id):
+            if type(policy_id) is not str or not _canonical_uuid(policy_id):
                 return None
     try:
         occurred_at = datetime.fromisoformat(occurred)
@@ -268,8 +281,8 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
                 agent_id,
                 request_id,
                 occurred_at.isoformat(),
-                _copy_text(resource),
-                _NULL if model is None else _copy_text(model),
+                _copy_text_repeated(resource),
+                _NULL if model is None else _copy_text_repeated(model),
                 *tokens,
                 amount,
                 code,
