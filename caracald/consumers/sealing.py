@@ -107,9 +107,16 @@ class PeriodicSealer:
                 connect_timeout=self.connect_timeout,
                 application_name="caracal-ledger-writer-sealer",
             )
-            # wait for the lock: a writer holds it while it inserts, which is most of the time under load
+            # Wait for another sealer, not for a writer: a batch a writer may still be adding to is sealed
+            # on a later round (by then it has a later batch after it, or the writer is idle), so the
+            # writer never waits for the sealing.
             result = sealer.seal_pending(
-                conn, key, max_batch=self.batch_size, max_age=self.max_age, wait=True
+                conn,
+                key,
+                max_batch=self.batch_size,
+                max_age=self.max_age,
+                wait=True,
+                wait_for_writers=False,
             )
         except (psycopg.Error, OSError, CaracalError) as exc:
             self._failed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)

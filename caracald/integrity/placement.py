@@ -66,6 +66,13 @@ def lock(conn: AnyConnection) -> None:
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (SEAL_LOCK_KEY,))
 
 
+def try_lock(conn: AnyConnection) -> bool:
+    """Take the placing and sealing lock until the current transaction ends, unless someone holds it."""
+    with conn.cursor(row_factory=tuple_row) as cur:
+        row = cur.execute("SELECT pg_try_advisory_xact_lock(%s)", (SEAL_LOCK_KEY,)).fetchone()
+    return bool(row and row[0])
+
+
 def head(conn: AnyConnection) -> Head | None:
     """The tree's head, read under :func:`lock`; None when ``merkle_state`` has no row (deleted: then events
     are written without a place, and the sealer and the verifier say what is wrong)."""

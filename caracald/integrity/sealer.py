@@ -158,7 +158,10 @@ def _placed_batch(
             "SELECT count(*), min(recorded_at), max(seq) FROM ledger_events WHERE merkle_root_id = %s",
             (batch_id,),
         ).fetchone() or (0, None, None)
-        later = cur.execute("SELECT 1 FROM ledger_events WHERE seq > %s LIMIT 1", (last,)).fetchone()
+        # in seq order: PostgreSQL's generic plan for a bare LIMIT 1 scanned the table from its start
+        later = cur.execute(
+            "SELECT seq FROM ledger_events WHERE seq > %s ORDER BY seq LIMIT 1", (last,)
+        ).fetchone()
     due = count >= max_batch or later is not None or (oldest is not None and oldest <= now - max_age)
     return batch_id, due
 
@@ -218,7 +221,14 @@ def _due(conn: AnyConnection, *, max_batch: int, max_age: timedelta, now: dateti
 
 
 def _seal_one(
-    conn: AnyConnection, key: SigningKey, *, max_batch: int, max_age: timedelta, now: datetime, wait: bool
+    conn: AnyConnection,
+    key: SigningKey,
+    *,
+    max_batch: int,
+    max_age: timedelta,
+    now: datetime,
+    wait: bool,
+    wait_for_writers: bool,
 ) -> SealedBatch | bool | None:
     """Seal at most one batch in the current transaction. False when another sealer holds the lock."""
     started = time.perf_counter()
@@ -232,10 +242,14 @@ def _seal_one(
         return _seal_placed(conn, key, closed, now, started)
     # The next batch may still be filling, or events wait without a place. Nothing due as committed now: done
     # for this round, without waiting for a writer. Else decide again under the placing lock (waiting for a
-    # writer's transaction to end), so that no writer adds to the batch or places events meanwhile.
+    # writer's transaction to end, or leaving it to a later round), so that no writer adds to the batch or
+    # places events meanwhile.
     if not _due(conn, max_batch=max_batch, max_age=max_age, now=now):
         return None
-    placement.lock(conn)
+    if wait_for_writers:
+        placement.lock(conn)
+    elif not placement.try_lock(conn):
+        return None
     placed = _placed_batch(conn, batches.find_state(conn), max_batch=max_batch, max_age=max_age, now=now)
     if placed is not None:
         batch_id, due = placed
@@ -376,12 +390,15 @@ def seal_pending(
     now: datetime | None = None,
     max_batches: int | None = None,
     wait: bool = False,
+    wait_for_writers: bool = True,
 ) -> SealResult:
     """Seal every batch that is due: full (``max_batch`` events), or holding an event older than ``max_age``.
 
     ``max_age=timedelta(0)`` seals everything pending now. Each batch commits on its own (a savepoint when
     the caller's transaction is open); ``max_batches`` caps how many one call seals. Returns at once with
-    ``busy`` when another sealer holds the lock, unless ``wait``.
+    ``busy`` when another sealer holds the lock, unless ``wait``. A batch a writer may still be adding to
+    waits for the writer's transaction to end; without ``wait_for_writers`` it is left for a later call
+    instead (by then the writer has usually moved past it), so that a writer never waits for a sealing.
     """
     if max_batch < 1:
         raise ValidationError("a batch holds at least one event")
@@ -391,7 +408,15 @@ def seal_pending(
     sealed: list[SealedBatch] = []
     while max_batches is None or len(sealed) < max_batches:
         with conn.transaction():
-            outcome = _seal_one(conn, key, max_batch=max_batch, max_age=max_age, now=at, wait=wait)
+            outcome = _seal_one(
+                conn,
+                key,
+                max_batch=max_batch,
+                max_age=max_age,
+                now=at,
+                wait=wait,
+                wait_for_writers=wait_for_writers,
+            )
         if outcome is False:
             return SealResult(sealed, busy=True)
         if outcome is None or outcome is True:

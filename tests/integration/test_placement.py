@@ -165,12 +165,16 @@ def test_the_sealer_closes_batches_a_writer_has_left_without_waiting_for_it(
     database_url: str, signing: tuple[SigningKey, list[VerifyingKey]]
 ) -> None:
     """Batches with a later batch begun are sealed while a writer holds the placing lock (a busy writer no
-    longer holds sealing back); the batch it may still be adding to waits for its transaction."""
+    longer holds sealing back); the batch it may still be adding to waits for its transaction, or is left
+    for a later round."""
     key, trusted = signing
     write(database_url, make_events(add_agents(database_url, 2), 250))  # batches of 100, 100, 50
     with psycopg.connect(database_url) as writer:
         placement.lock(writer)  # a writer in the middle of a transaction
         assert seal(database_url, key) == 200
+        with psycopg.connect(database_url, autocommit=True) as conn:  # as the periodic sealer asks
+            skipped = seal_pending(conn, key, max_batch=BATCH, max_age=timedelta(0), wait_for_writers=False)
+        assert skipped.events == 0 and not skipped.busy
 
         by_age: list[int] = []
         closing = threading.Thread(
