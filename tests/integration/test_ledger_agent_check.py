@@ -10,7 +10,6 @@ import threading
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
 import psycopg
 import pytest
@@ -18,21 +17,11 @@ import pytest
 from caracald.core.ledger import LedgerEvent, LedgerEventType
 from caracald.core.money import Money
 from caracald.store import ledger as ledger_store
+from tests.integration.pipeline import add_agents
 
 pytestmark = pytest.mark.integration
 
 CONSTRAINT = "ledger_events_agent_id_fkey"
-
-
-def add_agent(conn: psycopg.Connection[Any]) -> uuid.UUID:
-    agent = uuid.uuid4()
-    now = datetime.now(UTC)
-    conn.execute(
-        "INSERT INTO agents (agent_id, name, owner, status, created_at, updated_at) "
-        "VALUES (%s, %s, 'o@example.com', 'active', %s, %s)",
-        (agent, f"check-{agent.hex[:12]}", now, now),
-    )
-    return agent
 
 
 def settlement(agent: uuid.UUID) -> LedgerEvent:
@@ -49,9 +38,8 @@ def count_events(url: str) -> int:
 
 
 def test_an_event_for_an_unknown_agent_is_refused_with_the_foreign_key_error(database_url: str) -> None:
+    [known] = add_agents(database_url, 1)
     with psycopg.connect(database_url) as conn:
-        known = add_agent(conn)
-        conn.commit()
         unknown = uuid.uuid4()
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as refused:
             ledger_store.insert_events(conn, [settlement(known), settlement(unknown), settlement(known)])
@@ -63,8 +51,8 @@ def test_an_event_for_an_unknown_agent_is_refused_with_the_foreign_key_error(dat
 
 
 def test_events_of_known_agents_are_inserted_in_one_statement(database_url: str) -> None:
+    agents = add_agents(database_url, 3)
     with psycopg.connect(database_url) as conn:
-        agents = [add_agent(conn) for _ in range(3)]
         events = [settlement(agents[i % 3]) for i in range(30)]
         assert ledger_store.insert_events(conn, events) == 30
         assert ledger_store.insert_events(conn, events[:10]) == 0  # recorded already: skipped
@@ -74,23 +62,21 @@ def test_events_of_known_agents_are_inserted_in_one_statement(database_url: str)
 
 
 def test_an_event_cannot_be_moved_to_an_unknown_agent(database_url: str) -> None:
+    agent, other = add_agents(database_url, 2)
     with psycopg.connect(database_url) as conn:
-        agent = add_agent(conn)
         ledger_store.insert_events(conn, [settlement(agent)])  # not placed in the tree: still updatable
         conn.commit()
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as refused:
             conn.execute("UPDATE ledger_events SET agent_id = %s", (uuid.uuid4(),))
         conn.rollback()
-        other = add_agent(conn)
         conn.execute("UPDATE ledger_events SET agent_id = %s", (other,))  # to a known agent: allowed
         conn.commit()
     assert refused.value.diag.constraint_name == CONSTRAINT
 
 
 def test_an_agent_with_events_can_be_neither_deleted_nor_renumbered(database_url: str) -> None:
+    used, unused = add_agents(database_url, 2)
     with psycopg.connect(database_url) as conn:
-        used = add_agent(conn)
-        unused = add_agent(conn)
         ledger_store.insert_events(conn, [settlement(used)])
         conn.commit()
         with pytest.raises(psycopg.errors.ForeignKeyViolation) as deleting:
@@ -111,8 +97,7 @@ def test_an_agent_with_events_can_be_neither_deleted_nor_renumbered(database_url
 
 def test_an_insert_holds_its_agents_until_it_commits(database_url: str) -> None:
     """The check locks the agents it saw, as the foreign key did: a delete waits for the insert, then fails."""
-    with psycopg.connect(database_url, autocommit=True) as setup:
-        agent = add_agent(setup)
+    [agent] = add_agents(database_url, 1)
     with psycopg.connect(database_url) as inserting, psycopg.connect(database_url) as deleting:
         ledger_store.insert_events(inserting, [settlement(agent)])  # transaction still open
         deleting.execute("SET lock_timeout = '300ms'")
@@ -125,8 +110,7 @@ def test_an_insert_holds_its_agents_until_it_commits(database_url: str) -> None:
 
 
 def test_an_insert_racing_a_delete_of_its_agent_is_refused_once_the_delete_commits(database_url: str) -> None:
-    with psycopg.connect(database_url, autocommit=True) as setup:
-        agent = add_agent(setup)
+    [agent] = add_agents(database_url, 1)
     outcome: list[BaseException | int] = []
     with psycopg.connect(database_url) as deleting, psycopg.connect(database_url) as inserting:
         deleting.execute("DELETE FROM agents WHERE agent_id = %s", (agent,))  # not committed yet
