@@ -5,7 +5,8 @@ Each batch is sealed in one transaction under the sealer's advisory lock, so any
 it at once: one seals, the others return at once (``busy``), and nothing is sealed twice. A batch the
 writers have moved past (a committed event after it is in another batch) is sealed without stopping them; a
 batch that may still be filling, and events without a place, are sealed under the placing lock as well
-(:mod:`caracald.integrity.placement`), waiting for a writer's transaction to end. Per batch it
+(:mod:`caracald.integrity.placement`), once a writer's transaction ends (the periodic sealer leaves them to
+its next round rather than wait). Per batch it
 
 1. finds the next batch: the one the ledger writer placed the next events in (their seq, batch and
    canonical bytes written with them), due when it is full, a later batch has begun, or its oldest event
