@@ -54,7 +54,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import Decimal
 from enum import Enum
 from types import FrameType
 from typing import Any, Final
@@ -75,7 +75,7 @@ from caracald.core import events
 from caracald.core.errors import CaracalError, StoreUnavailableError
 from caracald.core.events import DLQ_TOPIC, METERING_TOPIC, SCHEMA_VERSION, EventDecodeError
 from caracald.core.ledger import LedgerEvent, LedgerEventType
-from caracald.core.money import ledger_quantum
+from caracald.core.money import at_ledger_scale
 from caracald.integrity import placement
 from caracald.integrity.placement import DEFAULT_MAX_BATCH
 from caracald.store import dlq as dlq_store
@@ -173,11 +173,8 @@ def _line(fields: Sequence[str]) -> bytes:
 def _amount(text: str, currency: str) -> tuple[str, str]:
     """(amount at ledger scale, currency code) exactly as :class:`~caracald.core.money.Money` makes them,
     without making one: half the time (most costs are new; holds and zero costs repeat)."""
-    code, quantum = ledger_quantum(currency)
-    value = Decimal(text)
-    if not value.is_finite():
-        raise ValueError("amount must be finite")
-    return str(value.quantize(quantum, rounding=ROUND_CEILING)), code
+    amount, code = at_ledger_scale(Decimal(text), currency)
+    return str(amount), code
 
 
 def _fast_row(payload: bytes) -> tuple[str, bytes] | None:

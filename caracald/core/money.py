@@ -116,6 +116,18 @@ def parse_decimal(text: str | int | Decimal, *, what: str = "amount") -> Decimal
     return value
 
 
+def at_ledger_scale(amount: Decimal, currency: str) -> tuple[Decimal, str]:
+    """``(amount rounded up to the ledger scale, normalised currency code)``: what :class:`Money` holds,
+    for callers that need the values without the object."""
+    code, quantum = ledger_quantum(currency)
+    if not amount.is_finite():
+        raise ValidationError("amount must be finite")
+    try:
+        return amount.quantize(quantum, rounding=ROUND_CEILING), code
+    except InvalidOperation:  # more digits than the decimal context holds
+        raise ValidationError(f"amount {amount} {code} is too large") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Money:
     """An exact amount in one currency, held at the currency's ledger scale."""
@@ -126,13 +138,7 @@ class Money:
     def __post_init__(self) -> None:
         if not isinstance(self.amount, Decimal):
             raise TypeError(f"Money amount must be a Decimal, got {type(self.amount).__name__}")
-        currency, quantum = ledger_quantum(self.currency)
-        if not self.amount.is_finite():
-            raise ValidationError("amount must be finite")
-        try:
-            scaled = self.amount.quantize(quantum, rounding=ROUND_CEILING)
-        except InvalidOperation:  # more digits than the decimal context holds
-            raise ValidationError(f"amount {self.amount} {currency} is too large") from None
+        scaled, currency = at_ledger_scale(self.amount, self.currency)
         object.__setattr__(self, "currency", currency)
         object.__setattr__(self, "amount", scaled)
 
