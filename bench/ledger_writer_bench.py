@@ -56,8 +56,12 @@ from caracald.store.migrate import migrate  # noqa: E402
 TARGET = 20_000
 
 
-def make_events(count: int, agents: list[uuid.UUID]) -> list[MeteringEvent]:
-    start = datetime(2025, 1, 1, tzinfo=UTC)
+#: When the first bench event happened; one more follows every millisecond, as from a busy gateway.
+START = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def make_events(count: int, agents: list[uuid.UUID], first: int = 0) -> list[MeteringEvent]:
+    """Events number ``first`` on: reservations and settlements in turn, one per millisecond."""
     kinds = (LedgerEventType.RESERVATION, LedgerEventType.SETTLEMENT)
     events = []
     for i in range(count):
@@ -69,7 +73,7 @@ def make_events(count: int, agents: list[uuid.UUID]) -> list[MeteringEvent]:
                 kind=kind,
                 request_id=request,
                 agent_id=agents[i % len(agents)],
-                occurred_at=start + timedelta(milliseconds=i),
+                occurred_at=START + timedelta(milliseconds=first + i),
                 cost=Money(Decimal(tokens_in * 3 + tokens_out * 15) / Decimal(1_000_000), "USD")
                 if kind is LedgerEventType.SETTLEMENT
                 else Money(Decimal(0), "USD"),
@@ -254,9 +258,8 @@ def produce(
     acknowledged). The encoded events are appended to ``payloads`` when given."""
     seconds = 0.0
     for chunk in range(0, count, 50_000):  # in chunks: a million events need not sit in memory
-        encoded = [
-            (e.key, encode(e), event_headers(e)) for e in make_events(min(50_000, count - chunk), agents)
-        ]
+        events = make_events(min(50_000, count - chunk), agents, chunk)
+        encoded = [(e.key, encode(e), event_headers(e)) for e in events]
         if payloads is not None:
             payloads.extend(value for _, value, _ in encoded)
         started = time.perf_counter()
