@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -154,15 +155,28 @@ def _canonical_uuid(text: str) -> bool:
 _copy_text_repeated = _repeated(_copy_text)
 
 
+#: The RFC 4122 variant bits (10xx) set in a hex digit.
+_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
+
+
 def _event_id(request_id: str, kind: str) -> str:
-    """``str(event_id_for(UUID(request_id), kind))`` for a canonical request id, without UUID objects."""
-    digest = bytearray(
-        hashlib.sha1(_NAMESPACE + f"{request_id}:{kind}".encode(), usedforsecurity=False).digest()[:16]
+    """``str(event_id_for(UUID(request_id), kind))`` for a canonical request id, without UUID objects: the
+    SHA-1 in hex, with the version digit (5) and the variant bits set in place."""
+    h = hashlib.sha1(_NAMESPACE + f"{request_id}:{kind}".encode(), usedforsecurity=False).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+def _in_iso_form(text: str, parsed: datetime) -> bool:
+    """Whether ``text``, which :meth:`datetime.fromisoformat` read as ``parsed``, is ``parsed.isoformat()``
+    already, in UTC as the gateway writes it (the check costs a third of the formatting)."""
+    size = len(text)
+    return (
+        (size == 25 or (size == 32 and text[19] == "." and parsed.microsecond != 0))
+        and text[10] == "T"
+        and text[4] == text[7] == "-"
+        and text[13] == text[16] == ":"
+        and text.endswith("+00:00")
     )
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _line(fields: Sequence[str]) -> bytes:
@@ -249,6 +263,8 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         if occurred_at.tzinfo is None:
             return None
         occurred_at.astimezone(UTC)  # OverflowError out of range in UTC, as the reference refuses it
+        if not _in_iso_form(occurred, occurred_at):
+            occurred = occurred_at.isoformat()
         amount, code = _amount(cost, currency)
         held = None if hold is None else _amount(hold, currency)[0]
         if extra:
@@ -277,7 +293,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
                 kind,
                 agent_id,
                 request_id,
-                occurred_at.isoformat(),
+                occurred,
                 _copy_text_repeated(resource),
                 _NULL if model is None else _copy_text_repeated(model),
                 *tokens,
@@ -473,9 +489,12 @@ class LedgerWriter:
         lag_interval: float = 5.0,
         dlq_stats_interval: float = 15.0,
         seal_batch_size: int = DEFAULT_MAX_BATCH,
+        database_workers: int = 2,
     ) -> None:
         if seal_batch_size < 1:
             raise ValueError("a Merkle batch holds at least one event")
+        if database_workers < 1:
+            raise ValueError("the writer needs at least one database thread")
         self.consumer = consumer
         self.group = consumer.group
         self.database_url = database_url
@@ -495,7 +514,13 @@ class LedgerWriter:
         self._sequence: str | None = None  # the identity sequence of ledger_events.event_id
         self.health = Health()
         self._stop = threading.Event()
-        self._conn: psycopg.Connection[Any] | None = None
+        #: Database threads: while one inserts a batch, the next batch's COPY goes on in another.
+        self.database_workers = database_workers
+        self._local = threading.local()
+        self._connections: set[psycopg.Connection[Any]] = set()
+        self._connections_lock = threading.Lock()
+        #: PostgreSQL took the last connection or transaction (no outage since).
+        self._database_ok = False
         self._next_lag = 0.0
         self._lag_stale = False
         self._next_dlq_stats = 0.0
@@ -527,7 +552,7 @@ class LedgerWriter:
 
     def close(self) -> None:
         self.consumer.close()
-        self._drop_connection()
+        self._close_connections()
 
     def _set_ready(self, ready: bool, error: str | None = None) -> None:
         self.health.ready = ready
@@ -557,8 +582,10 @@ class LedgerWriter:
     def run(self, *, max_batches: int | None = None, idle_exit: float | None = None) -> None:
         """Poll and apply batches until :meth:`stop`.
 
-        Batches go through a two-stage pipeline: while a database thread writes batch N, this thread polls
-        and decodes batch N+1; it commits N's offsets once N's transaction has committed, always in order.
+        Batches go through a pipeline: while this thread polls and decodes batch N+2, database threads write
+        batches N and N+1, each on its own connection, so that N+1's ``COPY`` runs while N is inserted and
+        committed (the insert itself waits for the placing lock: one batch at a time is placed in the Merkle
+        tree). Offsets are committed once a batch's transaction has committed, always in order.
         ``max_batches`` and ``idle_exit`` (seconds without records) end the loop earlier, for tools and tests.
         """
         try:
@@ -568,8 +595,10 @@ class LedgerWriter:
         batches = 0
         failures = 0
         idle_since = time.monotonic()
-        in_flight: tuple[_Batch, Future[_Applied]] | None = None
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caracal-ledger-db") as database:
+        in_flight: deque[tuple[_Batch, Future[_Applied]]] = deque()
+        with ThreadPoolExecutor(
+            max_workers=self.database_workers, thread_name_prefix="caracal-ledger-db"
+        ) as database:
             try:
                 while not self._stop.is_set():
                     self._beat()
@@ -580,39 +609,38 @@ class LedgerWriter:
                         self._errors.labels(self.group, _error_type(exc)).inc()
                         self._set_ready(False, f"bus: {exc}")
                         _log.warning("cannot poll the bus: %s", exc)
-                        if in_flight is None:
+                        if not in_flight:
                             self._wait(self.backoff.delay(failures))
                         failures += 1
                     else:
                         failures = 0
                         self.health.last_poll = time.time()
-                        if not self.health.ready and self._conn is not None:
+                        if not self.health.ready and self._database_ok:
                             self._set_ready(True)
                     batch = self._prepare(records) if records else None
-                    if in_flight is not None:
-                        self._finish(*in_flight)
-                        in_flight = None
+                    # Nothing new: commit what is in flight now rather than when more records come.
+                    while in_flight and (batch is None or len(in_flight) >= self.database_workers):
+                        self._finish(*in_flight.popleft())
                     if batch is not None:
-                        in_flight = (batch, database.submit(self._apply, batch))
+                        in_flight.append((batch, database.submit(self._apply, batch)))
                         batches += 1
                         idle_since = time.monotonic()
                         if max_batches is not None and batches >= max_batches:
                             break
                     else:
                         if time.monotonic() >= self._next_dlq_stats:
-                            # Also checks PostgreSQL while idle, on the thread that owns the connection.
+                            # Also checks PostgreSQL while idle, on a thread that owns a connection.
                             database.submit(self._report_dlq)
                         if idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
                             break
-                    self._periodic(idle=batch is None and in_flight is None)
-                if in_flight is not None:  # stopping: finish the batch in hand and commit it
-                    self._finish(*in_flight)
-                    in_flight = None
+                    self._periodic(idle=batch is None and not in_flight)
+                while in_flight:  # stopping: finish the batches in hand and commit them
+                    self._finish(*in_flight.popleft())
             except Abandoned:
-                if in_flight is not None:
+                if in_flight:
                     _log.warning(
-                        "stopped with a batch of %d records not applied; it will be read again",
-                        len(in_flight[0].records),
+                        "stopped with %d records not applied; they will be read again",
+                        sum(len(batch.records) for batch, _ in in_flight),
                     )
 
     def process(self, records: Sequence[Record]) -> BatchOutcome:
@@ -667,8 +695,10 @@ class LedgerWriter:
     # -- PostgreSQL
 
     def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None or self._conn.closed:
-            self._conn = None
+        """This thread's connection (each database thread has its own), opened when needed."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            self._drop_connection()
             conn = psycopg.connect(
                 self.database_url,
                 autocommit=True,
@@ -685,15 +715,19 @@ class LedgerWriter:
             except BaseException:
                 conn.close()
                 raise
-            self._conn = conn
-        return self._conn
+            self._local.conn = conn
+            self._database_ok = True
+            with self._connections_lock:
+                self._connections.add(conn)
+        return conn
 
     def _await_database(self) -> None:
-        """Connect to PostgreSQL, retrying while it is unavailable."""
+        """Wait until PostgreSQL takes a connection, retrying while it is unavailable."""
         attempt = 0
         while True:
             try:
                 self._connection()
+                self._drop_connection()  # the database threads open their own
                 return
             except (psycopg.Error, OSError) as exc:
                 self._set_ready(False, f"PostgreSQL: {_describe(exc)}")
@@ -704,11 +738,19 @@ class LedgerWriter:
                 attempt += 1
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        """Close this thread's connection."""
+        conn: psycopg.Connection[Any] | None = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            with self._connections_lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _close_connections(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = self._connections, set()
+        for conn in connections:
+            conn.close()
 
     def _store(self, items: list[_Item], letters: list[DeadLetter]) -> tuple[int, list[DeadLetter]]:
         """Write the batch and its dead letters in one transaction, retrying as the failure demands."""
@@ -747,6 +789,7 @@ class LedgerWriter:
                     self._wait(self.backoff.delay(transient - 1))
                     continue
                 # An outage (or a failure while isolating, which only an outage or a bad dead letter makes).
+                self._database_ok = False
                 self._drop_connection()
                 self._set_ready(False, f"PostgreSQL: {_describe(exc)}")
                 if outages == 0:
@@ -879,7 +922,8 @@ class LedgerWriter:
                 stats = dlq_store.stats(conn)
         except (psycopg.Error, OSError) as exc:
             _log.warning("cannot read the DLQ statistics: %s", _describe(exc))
-            if classify(exc, self._conn) is Failure.OUTAGE:
+            if classify(exc, getattr(self._local, "conn", None)) is Failure.OUTAGE:
+                self._database_ok = False
                 self._drop_connection()
                 self._set_ready(False, f"PostgreSQL: {_describe(exc)}")
             return

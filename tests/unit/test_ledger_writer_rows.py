@@ -194,6 +194,38 @@ def test_the_fast_path_never_accepts_what_the_reference_refuses(key: str, value:
     assert fields(ledger_row(payload)[1]) == expected
 
 
+#: Times as datetime.fromisoformat reads them, in the form the gateway writes and in others: the fast path
+#: passes the first through untouched and must record every one as the reference does.
+TIME_FORMS = [
+    "2025-06-01T12:30:00+00:00",
+    "2025-06-01T12:30:00.250000+00:00",
+    "2025-06-01T12:30:00.000000+00:00",
+    "2025-06-01T12:30:00.25+00:00",
+    "2025-06-01T12:30:00,250000+00:00",
+    "2025-06-01 12:30:00+00:00",
+    "2025-06-01T12:30:00-00:00",
+    "2025-06-01T12:30:00Z",
+    "2025-06-01T14:30:00+02:00",
+    "2025-06-01T12:30:00+00:00:00",
+    "2025-06-01T12:30:00.250000+0000",
+    "20250601T123000+00:00",
+    "20250601T123000.250000+00:00",
+    "2025-06-01T12:30+00:00",
+    "0001-01-01T00:00:00+00:00",
+    "9999-12-31T23:59:59.999999+00:00",
+]
+
+
+@pytest.mark.parametrize("text", TIME_FORMS)
+def test_a_time_in_any_iso_form_is_recorded_as_the_reference_records_it(text: str) -> None:
+    body = _base_body()
+    body["occurred_at"] = text
+    payload = json.dumps(body).encode()
+    fast = _fast_row(payload)
+    assert fast is not None
+    assert fields(fast[1]) == reference(payload)
+
+
 def test_nan_in_extra_is_refused_before_the_database() -> None:
     body = _base_body()
     body["extra"] = {"ratio": float("nan")}
