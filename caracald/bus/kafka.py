@@ -335,9 +335,15 @@ class KafkaBatchConsumer:
             self._consumer.close()
 
 
+@functools.lru_cache(maxsize=1024)
+def _timestamp(millis: int) -> datetime:
+    # Records come in bursts produced within the same millisecond: one datetime serves them all.
+    return datetime.fromtimestamp(millis / 1000, UTC)
+
+
 def _record(message: Message) -> Record:
     kind, millis = message.timestamp()
-    stamp = None if kind == TIMESTAMP_NOT_AVAILABLE else datetime.fromtimestamp(millis / 1000, UTC)
+    stamp = None if kind == TIMESTAMP_NOT_AVAILABLE else _timestamp(millis)
     headers = _headers(message.headers())
     key = message.key()
     value = message.value()

@@ -30,8 +30,8 @@ Failures:
 * **SIGTERM** (:meth:`LedgerWriter.stop`): the batch in hand is finished and committed, then the loop ends. A
   stop during an outage abandons the batch uncommitted; it is read again on the next start.
 
-Decoding runs on a fast path for well-formed events (canonical UUIDs and so on; parsed with ``orjson``) that
-builds the ``COPY`` line directly; anything it is unsure about goes through
+Decoding runs on a fast path for well-formed events (canonical UUIDs and so on; parsed and type-checked by
+``msgspec``) that builds the ``COPY`` line directly; anything it is unsure about goes through
 :func:`caracald.core.events.decode`, the reference, which also gives the error for a dead letter. The two
 agree on every event the fast path accepts (tested).
 """
@@ -60,7 +60,7 @@ from enum import Enum
 from types import FrameType
 from typing import Any, Final
 
-import orjson
+import msgspec
 import psycopg
 
 from caracald.bus.base import (
@@ -191,72 +191,72 @@ def _amount(text: str, currency: str) -> tuple[str, str]:
     return str(amount), code
 
 
+class _WireEvent(msgspec.Struct):
+    """A metering event's fields with the types the gateway writes. Decoding checks them in C; a payload
+    that does not fit (a field missing or of another type, a number out of 64-bit range, not UTF-8, not
+    JSON) goes to the reference decoder, which decides. Unknown fields are ignored, as the reference does;
+    a duplicated key counts with its last value, as in the reference."""
+
+    schema_version: int
+    event_id: str
+    kind: str
+    request_id: str
+    agent_id: str
+    occurred_at: str
+    cost: str
+    currency: str
+    resource: str | None = None
+    model: str | None = None
+    hold: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cached_input_tokens: int | None = None
+    policy_ids: list[str] | None = None
+    deny_reason: str | None = None
+    extra: dict[str, Any] | None = None
+
+
+_decode_wire = msgspec.json.Decoder(_WireEvent).decode
+
+
 def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
     """(event id, COPY line) for a well-formed event, or None when the reference decoder must decide.
 
     Accepts only what :func:`caracald.core.events.decode` accepts, and yields the row its result would make.
     """
     try:
-        # orjson: several times faster than json, and stricter (no NaN, 64-bit integers, UTF-8 only): what it
-        # refuses goes to the reference decoder, which decides. Both keep the last of duplicated keys.
-        body = orjson.loads(payload)
-    except ValueError:
+        event = _decode_wire(payload)
+    except msgspec.MsgspecError:
         return None
-    if type(body) is not dict or body.get("schema_version") != SCHEMA_VERSION:
-        return None
-    get = body.get
-    request_id = get("request_id")
-    agent_id = get("agent_id")
-    kind = get("kind")
+    request_id = event.request_id
+    agent_id = event.agent_id
+    kind = event.kind
     if (
-        type(request_id) is not str
-        or type(agent_id) is not str
+        event.schema_version != SCHEMA_VERSION
         or kind not in _KINDS
-        or type(kind) is not str
         or not _CANONICAL_UUID.match(request_id)
         or not _canonical_uuid(agent_id)
     ):
         return None
     event_id = _event_id(request_id, kind)
-    if get("event_id") != event_id:
+    if event.event_id != event_id:
         return None
-    occurred = get("occurred_at")
-    cost = get("cost")
-    currency = get("currency")
-    hold = get("hold")
-    resource = get("resource")
-    model = get("model")
-    deny_reason = get("deny_reason")
-    extra = get("extra")
-    policy_ids = get("policy_ids")
-    if (
-        type(occurred) is not str
-        or type(cost) is not str
-        or type(currency) is not str
-        or (hold is not None and type(hold) is not str)
-        or (model is not None and type(model) is not str)
-        or (deny_reason is not None and type(deny_reason) is not str)
-        or (extra and type(extra) is not dict)
-    ):
-        return None
-    if not resource:
-        resource = ""
-    elif type(resource) is not str:
-        return None
-    tokens = []
-    for name in _TOKEN_FIELDS:
-        value = get(name)
-        if value is None:
-            tokens.append(_NULL)
-        elif type(value) is int:
-            tokens.append(str(value))
-        else:
-            return None
+    occurred = event.occurred_at
+    currency = event.currency
+    hold = event.hold
+    model = event.model
+    deny_reason = event.deny_reason
+    extra = event.extra
+    policy_ids = event.policy_ids
+    resource = event.resource or ""
+    tokens = (
+        _NULL if event.input_tokens is None else str(event.input_tokens),
+        _NULL if event.output_tokens is None else str(event.output_tokens),
+        _NULL if event.cached_input_tokens is None else str(event.cached_input_tokens),
+    )
     if policy_ids:
-        if type(policy_ids) is not list:
-            return None
         for policy_id in policy_ids:
-            if type(policy_id) is not str or not _canonical_uuid(policy_id):
+            if not _canonical_uuid(policy_id):
                 return None
     try:
         occurred_at = datetime.fromisoformat(occurred)
@@ -265,7 +265,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         occurred_at.astimezone(UTC)  # OverflowError out of range in UTC, as the reference refuses it
         if not _in_iso_form(occurred, occurred_at):
             occurred = occurred_at.isoformat()
-        amount, code = _amount(cost, currency)
+        amount, code = _amount(event.cost, currency)
         held = None if hold is None else _amount(hold, currency)[0]
         if extra:
             # What LedgerEvent.metadata holds: extra, then hold, policy ids and deny reason on top.
