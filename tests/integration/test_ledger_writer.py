@@ -372,9 +372,13 @@ def test_offsets_stay_uncommitted_while_the_database_fails_and_the_batch_is_retr
     assert dead_letters(setup.url) == []
 
 
-def test_terminated_database_connections_lose_and_duplicate_nothing(setup: Setup) -> None:
+@pytest.mark.parametrize("database_workers", [1, 2])
+def test_terminated_database_connections_lose_and_duplicate_nothing(
+    setup: Setup, database_workers: int
+) -> None:
+    # With two database threads, two batches are in flight on two connections, and both are cut.
     events = make_events(setup.agents, 6000)
-    writer = kafka_writer(setup, batch_size=300)
+    writer = kafka_writer(setup, batch_size=300, database_workers=database_workers)
     stop_killing = threading.Event()
     kills = 0
 
