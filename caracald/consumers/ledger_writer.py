@@ -27,8 +27,8 @@ Failures:
 * **Transient errors** (statement timeout, deadlock, serialization failure, lock timeout): the batch is
   retried ``max_retries`` times with backoff; if it still fails, it is split as above and the records that
   still fail are dead-lettered with their retry count.
-* **SIGTERM** (:meth:`LedgerWriter.stop`): the batch in hand is finished and committed, then the loop ends. A
-  stop during an outage abandons the batch uncommitted; it is read again on the next start.
+* **SIGTERM** (:meth:`LedgerWriter.stop`): the batches in hand are finished and committed, then the loop
+  ends. A stop during an outage abandons them uncommitted; they are read again on the next start.
 
 Decoding runs on a fast path for well-formed events (canonical UUIDs and so on; parsed and type-checked by
 ``msgspec``) that builds the ``COPY`` line directly; anything it is unsure about goes through
@@ -533,7 +533,7 @@ class LedgerWriter:
     # -- control
 
     def stop(self) -> None:
-        """Finish the batch in hand, commit it and leave :meth:`run` (safe from a signal handler)."""
+        """Finish the batches in hand, commit them and leave :meth:`run` (safe from a signal handler)."""
         self._stop.set()
 
     @property
