@@ -56,6 +56,9 @@ class PeriodicSealer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="caracal-sealer", daemon=True)
         self._said_no_key = False
+        #: Kept between rounds (used by the sealing thread only): a new backend every second costs
+        #: PostgreSQL more than the rounds with nothing to seal.
+        self._conn: psycopg.Connection[Any] | None = None
 
     @classmethod
     def for_config(
@@ -79,6 +82,24 @@ class PeriodicSealer:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if not self._thread.is_alive():  # else the round in progress still uses it
+            self._close()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._close()
+            self._conn = psycopg.connect(
+                self.database_url,
+                autocommit=True,
+                connect_timeout=self.connect_timeout,
+                application_name="caracal-ledger-writer-sealer",
+            )
+        return self._conn
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -99,14 +120,8 @@ class PeriodicSealer:
             self._failed(f"cannot load the signing key: {exc}")
             return 0
         self._said_no_key = False
-        conn: psycopg.Connection[Any] | None = None
         try:
-            conn = psycopg.connect(
-                self.database_url,
-                autocommit=True,
-                connect_timeout=self.connect_timeout,
-                application_name="caracal-ledger-writer-sealer",
-            )
+            conn = self._connection()
             # Wait for another sealer, not for a writer: a batch a writer may still be adding to is sealed
             # on a later round (by then it has a later batch after it, or the writer is idle), so the
             # writer never waits for the sealing.
@@ -119,11 +134,9 @@ class PeriodicSealer:
                 wait_for_writers=False,
             )
         except (psycopg.Error, OSError, CaracalError) as exc:
+            self._close()  # the next round starts on a new connection
             self._failed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
             return 0
-        finally:
-            if conn is not None:
-                conn.close()
         if self.last_error is not None:
             _log.info("sealing works again")
             self.last_error = None

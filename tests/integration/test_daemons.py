@@ -247,7 +247,8 @@ def test_the_ledger_writer_seals_what_it_writes_once_a_key_exists(tmp_path: Path
         database_url,
         integrity={"key_dir": str(key_dir), "batch_size": 100, "batch_max_age_seconds": 0.5},
     )
-    events = make_events(add_agents(database_url, 2), 250)
+    agents = add_agents(database_url, 2)
+    events = make_events(agents, 250)
     producer = pg_log.PgLogProducer(database_url)
     try:
         send_events(producer, events)
@@ -264,7 +265,21 @@ def test_the_ledger_writer_seals_what_it_writes_once_a_key_exists(tmp_path: Path
             lambda: unsealed_count(database_url) == 0,
             what="every event sealed",
         )
+        assert len(rows(database_url, "SELECT 1 FROM merkle_batches")) == 3
+        # The sealer keeps its connection between rounds; cut, it opens another on its next round.
+        cut = rows(
+            database_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'caracal-ledger-writer-sealer'",
+        )
+        assert cut
+        producer = pg_log.PgLogProducer(database_url)
+        try:
+            send_events(producer, make_events(agents, 100, start=250))
+        finally:
+            producer.close()
+        wait_for(lambda: ledger_count(database_url) == 350, what="the later events")
+        wait_for(lambda: unsealed_count(database_url) == 0, what="the later events sealed")
         assert stop_daemon(proc, signal.SIGTERM) == 0
-    assert len(rows(database_url, "SELECT 1 FROM merkle_batches")) == 3
     verified = cli.ok("merkle", "verify-range", "--start-time", "2000-01-01T00:00:00Z", "--end-time", "now")
     assert "PASSED" in verified.stdout
