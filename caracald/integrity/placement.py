@@ -103,7 +103,9 @@ def insert_sql(staging: str, columns: tuple[str, ...], *, skip_recorded: bool) -
         if skip_recorded
         else f"SELECT * FROM {staging}"
     )
-    # ids drawn in arrival order (once per row: the CTE is materialised), seqs numbered in id order
+    # ids drawn in arrival order (once per row: the CTE is materialised), seqs numbered in id order;
+    # recorded when this statement starts, under the placing lock, rather than when the transaction began:
+    # so the times follow the seqs even when another writer's transaction began first
     return f"""
 WITH ided AS MATERIALIZED (
     SELECT nextval(%(sequence)s::regclass) AS event_id, f.*
@@ -112,13 +114,15 @@ WITH ided AS MATERIALIZED (
 ), placed AS (
     SELECT i.*, %(top)s::bigint + row_number() OVER (ORDER BY i.event_id) AS seq FROM ided i
 )
-INSERT INTO ledger_events (event_id, {cols}, seq, merkle_root_id, canonical) OVERRIDING SYSTEM VALUE
+INSERT INTO ledger_events (event_id, {cols}, seq, merkle_root_id, canonical, recorded_at)
+OVERRIDING SYSTEM VALUE
 SELECT e.event_id, {picked}, e.seq,
        CASE WHEN e.seq - %(top)s::bigint <= %(room)s::bigint THEN %(open)s::uuid
             ELSE (%(new_batches)s::uuid[])[
                 (e.seq - %(top)s::bigint - %(room)s::bigint - 1) / %(max_batch)s::bigint + 1]
        END,
-       {canonical_sql("e")}
+       {canonical_sql("e")},
+       statement_timestamp()
   FROM placed e
 """
 

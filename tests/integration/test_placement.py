@@ -19,7 +19,7 @@ import pytest
 from caracald.bus import pg_log
 from caracald.consumers import ledger_writer
 from caracald.consumers.ledger_writer import Backoff
-from caracald.core.events import METERING_TOPIC
+from caracald.core.events import METERING_TOPIC, encode
 from caracald.core.signing import SigningKey, VerifyingKey
 from caracald.integrity import keys, placement, verifier
 from caracald.integrity.batches import IntegrityError
@@ -269,6 +269,31 @@ def test_the_waiting_count_and_its_oldest_follow_placed_and_unplaced_events(
     assert waiting() == (55, first_recorded("seq > 200 OR seq IS NULL"))
     assert seal(database_url, key, max_age=timedelta(0)) == 55
     assert waiting() == (0, None)
+
+
+def test_times_follow_the_seqs_when_the_writer_placing_second_began_first(database_url: str) -> None:
+    """Two writers (or a writer's two connections): the one whose transaction began first places its events
+    second. They are recorded when placed, so the first waiting event by seq is also the oldest."""
+    agents = add_agents(database_url, 1)
+    earlier, later = make_events(agents, 3), make_events(agents, 3, start=10)
+    writer = ledger_writer.build("postgres", database_url, seal_batch_size=BATCH)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as began_first:
+            began_first.execute(ledger_writer._CREATE_STAGING)
+            with began_first.transaction():
+                began_first.execute("SELECT 1")  # the transaction's time is now
+                second = writer._connection()
+                with second.transaction():
+                    writer._insert(second, [ledger_writer.ledger_row(encode(e))[1] for e in earlier])
+                writer._insert(began_first, [ledger_writer.ledger_row(encode(e))[1] for e in later])
+    finally:
+        writer.close()
+        writer.dlq_producer.close()
+    recorded = rows(database_url, "SELECT recorded_at FROM ledger_events ORDER BY seq")
+    assert len(recorded) == 6
+    assert [r["recorded_at"] for r in recorded] == sorted(r["recorded_at"] for r in recorded)
+    with psycopg.connect(database_url) as conn:
+        assert pending_count(conn) == (6, min(r["recorded_at"] for r in recorded))
 
 
 def test_without_a_tree_state_the_writer_records_every_event_and_sealing_resumes_once_it_is_back(
