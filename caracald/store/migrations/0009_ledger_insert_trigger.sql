@@ -9,10 +9,45 @@ DROP TRIGGER ledger_events_agents_exist_insert ON ledger_events;
 DROP TRIGGER ledger_events_spend_totals ON ledger_events;
 DROP FUNCTION caracal_spend_totals_add();
 
+-- The agents check of 0008, as a function of the agents named: the insert trigger below and 0008's update
+-- trigger share it. Lock first: a concurrent delete of one of these agents finishes before the check,
+-- which then (READ COMMITTED: a new snapshot per statement) sees the agent gone; a later delete waits for
+-- this transaction and then sees its events. Locked in key order, so two writers cannot deadlock here.
+CREATE FUNCTION caracal_agents_exist(named uuid[]) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    missing uuid;
+BEGIN
+    PERFORM 1
+       FROM agents a
+      WHERE a.agent_id = ANY (named)
+      ORDER BY a.agent_id
+        FOR KEY SHARE OF a;
+    SELECT n.agent_id INTO missing
+      FROM unnest(named) AS n(agent_id)
+     WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = n.agent_id)
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'insert or update on table "ledger_events" violates foreign key constraint "%"',
+                        'ledger_events_agent_id_fkey'
+              USING ERRCODE = 'foreign_key_violation',
+                    DETAIL = format('Key (agent_id)=(%s) is not present in table "agents".', missing),
+                    TABLE = 'ledger_events',
+                    COLUMN = 'agent_id',
+                    CONSTRAINT = 'ledger_events_agent_id_fkey';
+    END IF;
+END;
+$$;
+
+CREATE OR REPLACE FUNCTION caracal_ledger_agents_exist() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM caracal_agents_exist(ARRAY(SELECT DISTINCT n.agent_id FROM new_rows n));
+    RETURN NULL;
+END;
+$$;
+
 CREATE FUNCTION caracal_ledger_events_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     hours spend_totals[];
-    missing uuid;
 BEGIN
     SELECT array_agg(ROW(h.agent_id, h.currency, h.bucket, h.total, h.spending_events, h.ledger_events)::spend_totals
                      ORDER BY h.agent_id, h.bucket, h.currency)
@@ -29,25 +64,7 @@ BEGIN
         RETURN NULL;  -- nothing inserted (every row skipped by ON CONFLICT DO NOTHING)
     END IF;
 
-    -- The agents exist (see 0008 for why lock first, then look).
-    PERFORM 1
-       FROM agents a
-      WHERE a.agent_id IN (SELECT h.agent_id FROM unnest(hours) h)
-      ORDER BY a.agent_id
-        FOR KEY SHARE OF a;
-    SELECT h.agent_id INTO missing
-      FROM unnest(hours) h
-     WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.agent_id = h.agent_id)
-     LIMIT 1;
-    IF FOUND THEN
-        RAISE EXCEPTION 'insert or update on table "ledger_events" violates foreign key constraint "%"',
-                        'ledger_events_agent_id_fkey'
-              USING ERRCODE = 'foreign_key_violation',
-                    DETAIL = format('Key (agent_id)=(%s) is not present in table "agents".', missing),
-                    TABLE = 'ledger_events',
-                    COLUMN = 'agent_id',
-                    CONSTRAINT = 'ledger_events_agent_id_fkey';
-    END IF;
+    PERFORM caracal_agents_exist(ARRAY(SELECT DISTINCT h.agent_id FROM unnest(hours) h));
 
     INSERT INTO spend_totals AS t (agent_id, currency, bucket, total, spending_events, ledger_events)
     SELECT h.agent_id, h.currency, h.bucket, h.total, h.spending_events, h.ledger_events
