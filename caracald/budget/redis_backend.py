@@ -40,7 +40,8 @@ amount or limit may exceed ``MAX_SAFE_UNITS`` (about 90 million USD at 8 decimal
 ``settle`` takes one round trip when this instance admitted the hold (it remembers the hold's
 counters), two otherwise. The admissions and settlements a process starts in the same turn of its event
 loop share their round trip: they go out as one pipeline (one write on one connection; each script still
-runs atomically on its own). ``expire_due`` must run periodically (every few seconds) somewhere: until it
+runs atomically on its own), on a connection that redis-py opens and hiredis reads
+(:mod:`caracald.budget.redis_link`), without waiting for the replies of earlier turns. ``expire_due`` must run periodically (every few seconds) somewhere: until it
 does, an abandoned hold keeps counting against its budgets (the safe side), and its record stays.
 
 Any Redis failure (connection refused or lost, timeout, read-only replica, out of memory, script error)
@@ -51,17 +52,19 @@ twice; a retried admission whose first attempt did run answers ``replayed=True``
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, TypeVar
 
+from hiredis import pack_command
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from caracald.budget.base import (
     Admission,
@@ -75,6 +78,7 @@ from caracald.budget.base import (
     denied_scope_of,
     least_remaining,
 )
+from caracald.budget.redis_link import RedisLink
 from caracald.core.budget import (
     COUNTER_GRACE,
     DEFAULT_DECISION_TTL,
@@ -362,7 +366,8 @@ _Call = tuple[AsyncScript, list[str], list[str], "asyncio.Future[Any]"]
 
 class _ScriptBatcher:
     """Script calls made in the same turn of the event loop, sent together as one pipeline (``EVALSHA`` each,
-    not a transaction): one write and one round trip on one connection however many there are. A script
+    not a transaction): one write on one shared connection (:class:`~caracald.budget.redis_link.RedisLink`)
+    however many there are, and batches from later turns go out without waiting for earlier replies. A script
     Redis no longer knows (it restarted) is loaded again and run on its own."""
 
     def __init__(self, client: Redis, *, max_batch: int = 512) -> None:
@@ -370,6 +375,8 @@ class _ScriptBatcher:
         self._max_batch = max_batch
         self._pending: list[_Call] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._link: RedisLink | None = None
+        self._opening = asyncio.Lock()
 
     def call(self, script: AsyncScript, keys: list[str], args: list[str]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
@@ -381,16 +388,25 @@ class _ScriptBatcher:
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        loop = asyncio.get_running_loop()
         for start in range(0, len(batch), self._max_batch):
-            task = loop.create_task(self._send(batch[start : start + self._max_batch]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            chunk = batch[start : start + self._max_batch]
+            link = self._link
+            if link is not None and link.usable:
+                # The usual case, without a task: the replies come back through a callback.
+                replies = link.call(_pack(_commands(chunk)), len(chunk))
+                replies.add_done_callback(functools.partial(self._answered, chunk))
+            else:
+                self._spawn(self._send(chunk))
+
+    def _answered(self, batch: list[_Call], replies: asyncio.Future[list[Any]]) -> None:
+        if replies.exception() is not None:  # the link failed: send again on a new one
+            self._spawn(self._send(batch))
+        else:
+            self._deliver(batch, replies.result())
 
     async def _send(self, batch: list[_Call]) -> None:
-        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
         try:
-            replies = await self._execute(commands)
+            replies = await self._execute(_commands(batch))
         except asyncio.CancelledError:
             for *_, future in batch:
                 future.cancel()
@@ -400,58 +416,79 @@ class _ScriptBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
+        self._deliver(batch, replies)
+
+    def _deliver(self, batch: list[_Call], replies: list[Any]) -> None:
         for (script, keys, args, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue
             if isinstance(reply, NoScriptError):
-                try:
-                    reply = await script(keys=keys, args=args)
-                except Exception as exc:
-                    reply = exc
-            if isinstance(reply, BaseException):
+                self._spawn(self._run_loading(script, keys, args, future))
+            elif isinstance(reply, BaseException):
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
 
+    @staticmethod
+    async def _run_loading(
+        script: AsyncScript, keys: list[str], args: list[str], future: asyncio.Future[Any]
+    ) -> None:
+        """Run a script Redis did not know through redis-py, which loads it first."""
+        try:
+            reply = await script(keys=keys, args=args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+        else:
+            if not future.done():
+                future.set_result(reply)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send ``commands`` in one write on one pooled connection and read every reply (an error reply in
-        its place). A connection that fails is dropped and the batch sent again on another, twice at most:
-        the scripts are idempotent by request id, so a batch that did run answers the same the second time."""
-        pool: Any = self._client.connection_pool
+        """Send ``commands`` in one write on the shared link and read every reply (an error reply in its
+        place). A link that fails is dropped and the batch sent again on a new one, twice at most: the
+        scripts are idempotent by request id, so a batch that did run answers the same the second time."""
+        packed = _pack(commands)
         for attempt in range(3):
-            connection = await pool.get_connection()
+            link = None
             try:
-                packed = _pack(connection, commands)
-                await connection.send_packed_command(packed, check_health=False)
-                replies: list[Any] = []
-                for _ in commands:
-                    try:
-                        replies.append(await connection.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
+                link = await self._open_link()
+                return await link.call(packed, len(commands))
             except (RedisConnectionError, TimeoutError, OSError):
-                await connection.disconnect()
+                if link is not None:
+                    link.close()
                 if attempt == 2:
                     raise
-            finally:
-                await pool.release(connection)
         raise AssertionError("unreachable")
 
+    async def _open_link(self) -> RedisLink:
+        """The shared link, opened by one caller at a time when there is none (or it broke)."""
+        link = self._link
+        if link is not None and link.usable:
+            return link
+        async with self._opening:
+            link = self._link
+            if link is None or not link.usable:
+                link = self._link = await RedisLink.open(self._client.connection_pool)
+            return link
 
-def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> bytes | list[bytes]:
-    """The commands in Redis's protocol: by hiredis (C) when it is installed, by redis-py otherwise."""
-    if _hiredis_pack is not None:
-        return b"".join([_hiredis_pack(command) for command in commands])
-    packed: list[bytes] = connection.pack_commands(commands)
-    return packed
+    def close(self) -> None:
+        if self._link is not None:
+            self._link.close()
+            self._link = None
 
 
-_hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
-try:
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover - hiredis is a dependency; redis-py packs without it
-    _hiredis_pack = None
+def _commands(batch: list[_Call]) -> list[tuple[Any, ...]]:
+    return [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
+
+
+def _pack(commands: list[tuple[Any, ...]]) -> bytes:
+    """The commands in Redis's protocol (hiredis packs them, in C)."""
+    return b"".join([pack_command(command) for command in commands])
 
 
 class RedisBudget:
@@ -775,5 +812,7 @@ class RedisBudget:
         await self._run(pipe.execute())
 
     async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.close()
         if self._owns_client:
             await self._client.aclose()

@@ -700,3 +700,47 @@ async def test_concurrent_calls_share_pipelines_and_each_gets_its_own_answer(
     )
     assert {x.charged for x in settled} == {usd("0.005")}
     assert await used(redis_budget, s) == (usd("0.5"), usd("0"), 0)
+
+
+async def test_a_dropped_connection_is_opened_again_and_the_call_sent_again(
+    redis_budget: RedisBudget, redis_service: RedisService
+) -> None:
+    s = scope("1.00")
+    assert (await redis_budget.admit(request((s,), "0.10"))).admitted
+    admin = Redis.from_url(redis_service.url, decode_responses=True)
+    try:
+        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    finally:
+        await admin.aclose()
+    assert killed >= 1  # the budget's connections, the scripts' among them
+    second = request((s,), "0.20")
+    assert (await redis_budget.admit(second)).admitted
+    assert (await redis_budget.settle(second.request_id, usd("0.15"), now())).charged == usd("0.15")
+    assert await used(redis_budget, s) == (usd("0.15"), usd("0.10"), 1)
+
+
+async def test_a_server_that_stops_answering_fails_the_call_in_time_then_serves_again(
+    redis_service: RedisService,
+) -> None:
+    budget = RedisBudget.from_url(
+        redis_service.url, namespace=f"test-{uuid.uuid4().hex[:12]}", socket_timeout=0.3
+    )
+    admin = Redis.from_url(redis_service.url, decode_responses=True)
+    s = scope("1.00")
+    try:
+        assert (await budget.admit(request((s,), "0.10"))).admitted
+        await admin.execute_command("CLIENT", "PAUSE", "2500", "ALL")
+        stalled = request((s,), "0.20")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(BudgetUnavailableError):
+            await budget.admit(stalled)
+        assert asyncio.get_running_loop().time() - started < 2.4  # refused before Redis came back
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        # Asked again, the stalled request holds once, whether or not Redis got to run its first try.
+        assert (await budget.admit(stalled)).admitted
+        assert (await budget.admit(request((s,), "0.30"))).admitted
+        assert await used(budget, s) == (usd("0"), usd("0.60"), 3)
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await budget.close()
