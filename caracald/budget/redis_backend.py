@@ -41,8 +41,9 @@ amount or limit may exceed ``MAX_SAFE_UNITS`` (about 90 million USD at 8 decimal
 counters), two otherwise. The admissions and settlements a process starts in the same turn of its event
 loop share their round trip: they go out as one pipeline (one write on one connection; each script still
 runs atomically on its own), on a connection that redis-py opens and hiredis reads
-(:mod:`caracald.budget.redis_link`), without waiting for the replies of earlier turns. ``expire_due`` must run periodically (every few seconds) somewhere: until it
-does, an abandoned hold keeps counting against its budgets (the safe side), and its record stays.
+(:mod:`caracald.budget.redis_link`), without waiting for the replies of earlier turns. ``expire_due``
+must run periodically (every few seconds) somewhere: until it does, an abandoned hold keeps counting
+against its budgets (the safe side), and its record stays.
 
 Any Redis failure (connection refused or lost, timeout, read-only replica, out of memory, script error)
 raises ``BudgetUnavailableError``: the gateway fails closed with a 503. redis-py retries a failed command

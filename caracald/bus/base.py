@@ -147,7 +147,7 @@ class EventSink(Protocol):
 
 def event_headers(event: MeteringEvent) -> list[tuple[str, bytes]]:
     return [
-        (HEADER_EVENT_ID, str(event.event_id).encode()),
+        (HEADER_EVENT_ID, event.event_id_text.encode()),
         (HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
         (HEADER_KIND, str(event.kind).encode()),
     ]

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import random
@@ -131,7 +130,6 @@ ON CONFLICT (idempotency_key) DO NOTHING
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")
 _KINDS = frozenset(kind.value for kind in LedgerEventType)
-_NAMESPACE = events._EVENT_NAMESPACE.bytes
 _COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NULL: Final = "\\N"
@@ -153,17 +151,6 @@ def _canonical_uuid(text: str) -> bool:
 
 
 _copy_text_repeated = _repeated(_copy_text)
-
-
-#: The RFC 4122 variant bits (10xx) set in a hex digit.
-_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
-
-
-def _event_id(request_id: str, kind: str) -> str:
-    """``str(event_id_for(UUID(request_id), kind))`` for a canonical request id, without UUID objects: the
-    SHA-1 in hex, with the version digit (5) and the variant bits set in place."""
-    h = hashlib.sha1(_NAMESPACE + f"{request_id}:{kind}".encode(), usedforsecurity=False).hexdigest()
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
 
 
 def _in_iso_form(text: str, parsed: datetime) -> bool:
@@ -238,7 +225,7 @@ def _fast_row(payload: bytes) -> tuple[str, bytes] | None:
         or not _canonical_uuid(agent_id)
     ):
         return None
-    event_id = _event_id(request_id, kind)
+    event_id = events.event_id_text(request_id, kind)
     if event.event_id != event_id:
         return None
     occurred = event.occurred_at

