@@ -372,6 +372,29 @@ class SpoolForwarder:
                 raise BusUnavailableError(f"the bus did not acknowledge within {self.timeout:g} s") from None
 
 
+async def _within(future: asyncio.Future[None], seconds: float) -> None:
+    """Await ``future``, cancelling it and raising ``TimeoutError`` after ``seconds``: what
+    ``asyncio.wait_for`` does for a future, without the waiter future and callbacks it adds to every call."""
+    if future.done():
+        return future.result()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        future.cancel()
+
+    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    try:
+        await future
+    except asyncio.CancelledError:
+        if expired:
+            raise TimeoutError(f"no acknowledgement within {seconds:g} s") from None
+        raise
+    finally:
+        timer.cancel()
+
+
 def spooled(topic: str, value: bytes, key: bytes | None, headers: Headers) -> SpooledRecord:
     return SpooledRecord(topic, value, key, tuple(headers))
 
@@ -427,7 +450,7 @@ class SpoolingSink:
                 future = self.producer.send(
                     record.topic, record.value, key=record.key, headers=record.headers
                 )
-                await asyncio.wait_for(asyncio.wrap_future(future), self.bus_timeout)
+                await _within(asyncio.wrap_future(future), self.bus_timeout)
                 return
             except (BusError, TimeoutError) as exc:
                 _log.warning("the bus did not take an event (%s); spooling to %s", exc, self.spool.directory)

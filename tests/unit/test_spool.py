@@ -324,6 +324,40 @@ async def test_the_sink_spools_while_the_bus_is_down_and_drains_in_order(tmp_pat
         sink.close()
 
 
+class SilentProducer(ListProducer):
+    """A bus that takes records and never acknowledges them (a broker that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unanswered: list[Future[None]] = []
+
+    def send(
+        self, topic: str, value: bytes, *, key: bytes | None = None, headers: Headers = ()
+    ) -> Future[None]:
+        future: Future[None] = Future()
+        self.unanswered.append(future)
+        return future
+
+
+async def test_an_event_the_bus_does_not_acknowledge_in_time_is_spooled(tmp_path: Path) -> None:
+    producer = SilentProducer()
+    sink = SpoolingSink(producer, Spool(tmp_path), bus_timeout=0.2, retry_interval=60)
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
+    try:
+        started = loop.time()
+        await sink.emit(event(0))  # returns once durable: in the spool, after the bus's time ran out
+        assert 0.2 <= loop.time() - started < 2
+        assert sink.spooling and sink.spooled_bytes > len(encode(event(0)))
+        assert all(f.cancelled() for f in producer.unanswered)  # given up on, not left waiting
+        await asyncio.sleep(0.05)
+        assert errors == []
+    finally:
+        loop.set_exception_handler(None)
+        sink.close()
+
+
 async def test_leftovers_of_a_previous_run_go_first(tmp_path: Path) -> None:
     with Spool(tmp_path) as spool:
         from caracald.bus.base import event_headers
