@@ -16,12 +16,16 @@ second time is harmless.
 The file is append-only JSON lines (``{"k": "settle", "r": <request id>, "p": <event>}``,
 ``{"k": "done", "r": ..., "of": "settle"}``) written with one ``write`` each: that survives the death of the
 process (the kernel holds the data), not of the machine (no ``fsync``: the bus's own spool is the durable
-store of events that could not be sent). A torn last line is skipped. When the file grows, it is rewritten
+store of events that could not be sent). An intent is written at once; resolutions made while an event loop
+runs are written together once it turns (or with the next intent, before it): one ``write`` per turn
+instead of one per charge, and a resolution lost to a kill in between only runs its charge again, which is
+harmless. A torn last line is skipped. When the file grows, it is rewritten
 with the unresolved intents only. One process owns a journal (an exclusive ``flock`` on ``<file>.lock``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import json
@@ -34,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+import msgspec
+
 from caracald.core.errors import CaracalError
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,12 @@ Kind = Literal["settle", "expire"]
 KINDS: Final = ("settle", "expire")
 #: Rewrite the file (unresolved intents only) after this many lines.
 COMPACT_AFTER_LINES: Final = 100_000
+
+_encode: Final = msgspec.json.Encoder().encode
+
+
+def _line(record: dict[str, str]) -> bytes:
+    return _encode(record) + b"\n"
 
 
 class JournalBusyError(CaracalError):
@@ -77,6 +89,9 @@ class ChargeJournal:
                 self._pending[key] = intent
         self._lines = 0
         self._fd = -1
+        #: "done" lines not written yet, and whether a write of them is scheduled on the running loop.
+        self._resolved: list[bytes] = []
+        self._flush_scheduled = False
         self._rewrite()
         if self._pending:
             log.warning("%d charge(s) in %s left unresolved by the last run: replaying them", len(self), path)
@@ -92,18 +107,38 @@ class ChargeJournal:
         record: dict[str, str] = {"k": kind, "r": str(request_id)}
         if payload:
             record["p"] = payload
-        self._write(record)
+        self._write(_line(record))
 
     def resolve(self, kind: Kind, request_id: uuid.UUID) -> None:
         if self._pending.pop((kind, request_id), None) is None:
             return
-        self._write({"k": "done", "of": kind, "r": str(request_id)})
+        self._resolved.append(_line({"k": "done", "of": kind, "r": str(request_id)}))
+        if self._flush_scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write the resolutions not written yet."""
+        self._flush_scheduled = False
+        if self._resolved:
+            self._write(b"")
         if self._lines >= COMPACT_AFTER_LINES:
             self._rewrite()
 
-    def _write(self, record: dict[str, str]) -> None:
-        os.write(self._fd, json.dumps(record, separators=(",", ":")).encode() + b"\n")
-        self._lines += 1
+    def _write(self, line: bytes) -> None:
+        """Write ``line`` (an intent, or nothing), after the resolutions waiting to be written."""
+        if self._fd < 0:  # closed: nothing more is recorded
+            return
+        lines = [*self._resolved, line] if line else self._resolved
+        self._resolved = []
+        os.write(self._fd, b"".join(lines))
+        self._lines += len(lines)
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -136,7 +171,7 @@ class ChargeJournal:
                 record = {"k": intent.kind, "r": str(intent.request_id)}
                 if intent.payload:
                     record["p"] = intent.payload
-                out.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+                out.write(_line(record))
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, self.path)
@@ -144,6 +179,7 @@ class ChargeJournal:
             os.close(self._fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self._lines = len(self._pending)
+        self._resolved.clear()  # the file now holds only what is unresolved
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -95,3 +96,33 @@ def test_one_process_owns_a_journal(tmp_path: Path) -> None:
         ChargeJournal(path)
     owner.close()
     ChargeJournal(path).close()  # free again once closed
+
+
+async def test_resolutions_on_a_running_loop_are_written_together_when_it_turns(tmp_path: Path) -> None:
+    path = tmp_path / "charges.journal"
+    journal = ChargeJournal(path)
+    requests = [uuid.uuid4() for _ in range(5)]
+    for request in requests:
+        journal.intend("expire", request)
+    size = path.stat().st_size
+    for request in requests[:3]:
+        journal.resolve("expire", request)
+    assert path.stat().st_size == size  # not yet: once per turn of the loop
+    await asyncio.sleep(0)
+    lines = path.read_bytes().splitlines()
+    assert lines[-3:] == [f'{{"k":"done","of":"expire","r":"{r}"}}'.encode() for r in requests[:3]]
+    # a resolution still waiting goes to the file before the next intent, in order
+    journal.resolve("expire", requests[3])
+    later = uuid.uuid4()
+    journal.intend("settle", later, "{}")
+    assert path.read_bytes().splitlines()[-2:] == [
+        f'{{"k":"done","of":"expire","r":"{requests[3]}"}}'.encode(),
+        f'{{"k":"settle","r":"{later}","p":"{{}}"}}'.encode(),
+    ]
+    journal.close()
+    reopened = ChargeJournal(path)
+    assert {(i.kind, i.request_id) for i in reopened.pending()} == {
+        ("expire", requests[4]),
+        ("settle", later),
+    }
+    reopened.close()
