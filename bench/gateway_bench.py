@@ -114,6 +114,7 @@ class Target:
     latency_p99: list[float] = field(default_factory=list)
     rps: list[float] = field(default_factory=list)
     wrk_p99: list[float] = field(default_factory=list)
+    cpu_per_request: list[float] = field(default_factory=list)  # ms of the server process's CPU
     errors: int = 0
 
     @property
@@ -409,8 +410,16 @@ def wrk_script(workdir: Path, target: Target) -> Path:
     return path
 
 
-def run_wrk(workdir: Path, target: Target, connections: int, duration: float) -> tuple[float, float, int]:
-    """Requests per second, p99 in ms, and answers that were not 2xx (or socket errors)."""
+def process_cpu_seconds(pid: int) -> float:
+    """CPU time (user and system, every thread) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_wrk(
+    workdir: Path, target: Target, connections: int, duration: float
+) -> tuple[float, float, int, int]:
+    """Requests per second, p99 in ms, answers that were not 2xx (or socket errors), and requests done."""
     argv = [
         "wrk",
         "-t1",
@@ -433,7 +442,8 @@ def run_wrk(workdir: Path, target: Target, connections: int, duration: float) ->
         bad += int(m.group(1))
     if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
         bad += sum(int(g) for g in m.groups())
-    return rps, p99, bad
+    done_match = re.search(r"(\d+) requests in", out)
+    return rps, p99, bad, int(done_match.group(1)) if done_match else 0
 
 
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None:
@@ -467,6 +477,7 @@ def report(targets: list[Target], args: argparse.Namespace) -> bool:
     print(
         f"{'target':<13}{'p50 ms':>9}{'p99 ms':>9}{'added p50':>11}{'added p99':>11}"
         f"{'req/s c' + str(args.connections):>12}{'vs pass':>9}{'wrk p99 ms':>12}{'errors':>8}"
+        f"{'CPU ms/req':>12}{'pass/CPU':>10}"
     )
     for t in targets:
         added50 = med(t.latency_p50) - med(direct.latency_p50)
@@ -474,14 +485,18 @@ def report(targets: list[Target], args: argparse.Namespace) -> bool:
         rps = med(t.rps) if t.rps else float("nan")
         ratio = rps / med(passthrough.rps) if passthrough.rps else float("nan")
         wrk99 = med(t.wrk_p99) if t.wrk_p99 else float("nan")
+        cpu = med(t.cpu_per_request) if t.cpu_per_request else float("nan")
+        pass_cpu = med(passthrough.cpu_per_request) if passthrough.cpu_per_request else float("nan")
         print(
             f"{t.name:<13}{med(t.latency_p50):9.3f}{med(t.latency_p99):9.3f}{added50:11.3f}{added99:11.3f}"
-            f"{rps:12.0f}{ratio:9.2f}{wrk99:12.2f}{t.errors:8d}"
+            f"{rps:12.0f}{ratio:9.2f}{wrk99:12.2f}{t.errors:8d}{cpu:12.3f}{pass_cpu / cpu:10.2f}"
         )
     print(
         f"(medians of {args.rounds} interleaved round(s); latency over {args.latency_requests} requests "
         f"per target and round at concurrency 1; throughput: wrk, {args.connections} connections, "
-        f"{args.duration:g} s)"
+        f"{args.duration:g} s; CPU ms/req: the server process's CPU time during its wrk runs per request "
+        f"served, and pass/CPU the pass-through's over the target's: what the throughput ratio would be on "
+        f"a CPU of its own)"
     )
     added50 = med(caracal.latency_p50) - med(direct.latency_p50)
     added99 = med(caracal.latency_p99) - med(direct.latency_p99)
@@ -552,14 +567,21 @@ def main(argv: list[str] | None = None) -> int:
                 if args.profile and target.name == "caracal" and target.proc is not None:
                     args.profile.mkdir(parents=True, exist_ok=True)
                     spy = profile(target.proc.pid, args.duration, args.profile / f"caracal-{round_no}")
-                rps, p99, bad = run_wrk(workdir, target, args.connections, args.duration)
+                assert target.proc is not None
+                cpu_before = process_cpu_seconds(target.proc.pid)
+                rps, p99, bad, done = run_wrk(workdir, target, args.connections, args.duration)
+                cpu = process_cpu_seconds(target.proc.pid) - cpu_before
                 if spy is not None:
                     spy.wait(60)
+                if done:
+                    target.cpu_per_request.append(cpu / done * 1000)
                 target.rps.append(rps)
                 target.wrk_p99.append(p99)
                 target.errors += bad
+                per_request = f"{target.cpu_per_request[-1]:.3f}" if done else "?"
                 print(
-                    f"round {round_no} {target.name}: {rps:.0f} req/s, p99 {p99:.2f} ms, {bad} errors",
+                    f"round {round_no} {target.name}: {rps:.0f} req/s, p99 {p99:.2f} ms, {bad} errors, "
+                    f"{per_request} ms of its CPU per request",
                     flush=True,
                 )
         with urllib.request.urlopen(f"http://127.0.0.1:{targets[2].port}/stats", timeout=5) as reply:
