@@ -145,11 +145,15 @@ class EventSink(Protocol):
     def close(self) -> None: ...
 
 
-def event_headers(event: MeteringEvent) -> list[tuple[str, bytes]]:
+_SCHEMA_VERSION_BYTES: Final = str(SCHEMA_VERSION).encode()
+
+
+def event_headers(event: MeteringEvent, event_id: str | None = None) -> list[tuple[str, bytes]]:
+    """The record headers of ``event``; ``event_id``: its ``event_id_text``, when the caller has it."""
     return [
-        (HEADER_EVENT_ID, event.event_id_text.encode()),
-        (HEADER_SCHEMA_VERSION, str(SCHEMA_VERSION).encode()),
-        (HEADER_KIND, str(event.kind).encode()),
+        (HEADER_EVENT_ID, (event.event_id_text if event_id is None else event_id).encode()),
+        (HEADER_SCHEMA_VERSION, _SCHEMA_VERSION_BYTES),
+        (HEADER_KIND, event.kind.value.encode()),
     ]
 
 
@@ -164,7 +168,10 @@ class ProducerSink:
         self.timeout = timeout
 
     def send(self, event: MeteringEvent) -> Future[None]:
-        return self.producer.send(self.topic, encode(event), key=event.key, headers=event_headers(event))
+        event_id = event.event_id_text
+        return self.producer.send(
+            self.topic, encode(event, event_id), key=event.key, headers=event_headers(event, event_id)
+        )
 
     async def emit(self, event: MeteringEvent) -> None:
         future = asyncio.wrap_future(self.send(event))

@@ -444,7 +444,8 @@ class SpoolingSink:
         return self.spool.pending_bytes
 
     async def emit(self, event: MeteringEvent) -> None:
-        record = spooled(self.topic, encode(event), event.key, event_headers(event))
+        event_id = event.event_id_text
+        record = spooled(self.topic, encode(event, event_id), event.key, event_headers(event, event_id))
         if not self._spooling:
             try:
                 future = self.producer.send(

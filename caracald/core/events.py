@@ -117,13 +117,15 @@ class MeteringEvent:
         )
 
 
-def encode(event: MeteringEvent) -> bytes:
+def encode(event: MeteringEvent, event_id: str | None = None) -> bytes:
+    """The event's JSON; ``event_id`` is its ``event_id_text`` when the caller has it already."""
     body: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "event_id": event.event_id_text,
-        "kind": str(event.kind),
-        "request_id": str(event.request_id),
-        "agent_id": str(event.agent_id),
+        "event_id": event.event_id_text if event_id is None else event_id,
+        "kind": event.kind.value,
+        # msgspec writes a UUID as str() does, without the Python call
+        "request_id": event.request_id,
+        "agent_id": event.agent_id,
         "occurred_at": event.occurred_at.isoformat(),
         "cost": str(event.cost.amount),
         "currency": event.cost.currency,
@@ -133,7 +135,7 @@ def encode(event: MeteringEvent) -> bytes:
         "input_tokens": event.input_tokens,
         "output_tokens": event.output_tokens,
         "cached_input_tokens": event.cached_input_tokens,
-        "policy_ids": [str(p) for p in event.policy_ids],
+        "policy_ids": event.policy_ids,
         "deny_reason": event.deny_reason,
         "extra": event.extra,
     }

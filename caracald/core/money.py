@@ -8,6 +8,7 @@ up (ceiling) to that scale, so rounding can never let spending slip under a limi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Final
@@ -146,7 +147,8 @@ class Money:
 
     @classmethod
     def zero(cls, currency: str) -> Money:
-        return cls(Decimal(0), currency)
+        # immutable: one per currency will do
+        return _zero(currency) if cls is Money else cls(Decimal(0), currency)
 
     @classmethod
     def parse(cls, text: str | int | Decimal, currency: str, *, what: str = "amount") -> Money:
@@ -284,3 +286,8 @@ def format_average(total: Money, count: int) -> str:
         shown = average.quantize(_exponent(min(significant, ledger_scale(total.currency))))
         return format_amount(shown, total.currency, exact=True)
     return format_amount(average, total.currency)
+
+
+@functools.lru_cache(maxsize=256)
+def _zero(currency: str) -> Money:
+    return Money(Decimal(0), currency)
