@@ -85,26 +85,30 @@ class SplitSink:
     A Kafka producer that waits a few milliseconds to fill its batches (``linger.ms``) spends a fraction of
     the CPU of one that sends every record at once, but each record waits that long. Under load every request
     waits for others anyway and batching is what keeps up; on a quiet gateway the wait would be added to
-    every call. So while fewer than ``quiet_below`` events are in flight, a reservation goes to ``prompt``
-    (no linger); everything else, and every reservation under load, to ``batched``. A request's settlement is
-    emitted only after its reservation was acknowledged, so the two stay in order whichever way each went.
+    every call. So while fewer than ``quiet_below`` reservations are in flight, a reservation goes to
+    ``prompt`` (no linger); everything else, and every reservation under load, to ``batched``. Only
+    reservations count: the settlements a quiet gateway emits wait out the linger in ``batched``, and counting
+    them would send a quiet gateway's reservations there too, now and then, each to wait the linger out. A
+    request's settlement is emitted only after its reservation was acknowledged, so the two stay in order
+    whichever way each went.
     """
 
     def __init__(self, prompt: EventSink, batched: EventSink, *, quiet_below: int = 4) -> None:
         self.prompt = prompt
         self.batched = batched
         self.quiet_below = quiet_below
-        self._in_flight = 0
+        self._reserving = 0  # reservation events in flight
 
     async def emit(self, event: MeteringEvent) -> None:
-        sink = self.batched
-        if event.kind is LedgerEventType.RESERVATION and self._in_flight < self.quiet_below:
-            sink = self.prompt
-        self._in_flight += 1
+        if event.kind is not LedgerEventType.RESERVATION:
+            await self.batched.emit(event)
+            return
+        sink = self.prompt if self._reserving < self.quiet_below else self.batched
+        self._reserving += 1
         try:
             await sink.emit(event)
         finally:
-            self._in_flight -= 1
+            self._reserving -= 1
 
     @property
     def spooling(self) -> bool | None:

@@ -67,6 +67,23 @@ def test_under_load_reservations_are_batched_too() -> None:
     assert len(batched.events) == 6
 
 
+def test_settlements_in_flight_do_not_send_a_quiet_gateways_reservations_to_the_batch() -> None:
+    prompt, batched = MemorySink(), SlowSink()
+    sink = SplitSink(prompt, batched, quiet_below=4)
+
+    async def run() -> None:
+        # settlements of earlier requests waiting out the batched producer's linger
+        waiting = [asyncio.ensure_future(sink.emit(event(LedgerEventType.SETTLEMENT))) for _ in range(6)]
+        await asyncio.sleep(0)
+        await asyncio.wait_for(sink.emit(event(LedgerEventType.RESERVATION)), 5)  # not held with them
+        batched.release.set()
+        await asyncio.gather(*waiting)
+
+    asyncio.run(run())
+    assert [e.kind for e in prompt.events] == [LedgerEventType.RESERVATION]
+    assert [e.kind for e in batched.events] == [LedgerEventType.SETTLEMENT] * 6
+
+
 class FakeKafka:
     """The confluent producer inside the bus's KafkaProducer: records each delivery callback."""
 
