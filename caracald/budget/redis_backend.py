@@ -382,6 +382,12 @@ class _ScriptBatcher:
     def call(self, script: AsyncScript, keys: list[str], args: list[str]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        link = self._link
+        if not self._pending and link is not None and link.idle:
+            # Nothing in flight: a quiet gateway's call goes out now, not a turn of the loop later. Under load
+            # replies are always outstanding, and calls gather into batches.
+            self._write(link, [(script, keys, args, future)])
+            return future
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((script, keys, args, future))
@@ -393,11 +399,14 @@ class _ScriptBatcher:
             chunk = batch[start : start + self._max_batch]
             link = self._link
             if link is not None and link.usable:
-                # The usual case, without a task: the replies come back through a callback.
-                replies = link.call(_pack(_commands(chunk)), len(chunk))
-                replies.add_done_callback(functools.partial(self._answered, chunk))
+                self._write(link, chunk)
             else:
                 self._spawn(self._send(chunk))
+
+    def _write(self, link: RedisLink, batch: list[_Call]) -> None:
+        """The usual case, without a task: the replies come back through a callback."""
+        replies = link.call(_pack(_commands(batch)), len(batch))
+        replies.add_done_callback(functools.partial(self._answered, batch))
 
     def _answered(self, batch: list[_Call], replies: asyncio.Future[list[Any]]) -> None:
         if replies.exception() is not None:  # the link failed: send again on a new one

@@ -76,6 +76,11 @@ class RedisLink(asyncio.Protocol):
     def usable(self) -> bool:
         return self._broken is None and not self._transport.is_closing()
 
+    @property
+    def idle(self) -> bool:
+        """Usable, and no call waiting for its replies."""
+        return not self._waiting and self.usable
+
     def call(self, packed: bytes, count: int) -> asyncio.Future[list[Any]]:
         """Send ``count`` commands packed in Redis's protocol; the future answers their replies (an error
         reply as its exception, in its place) or fails with the link."""
