@@ -159,17 +159,29 @@ def totals(url: str) -> list[dict[str, Any]]:
     return rows(url, "SELECT * FROM spend_totals ORDER BY agent_id, bucket, currency")
 
 
+_RAW_TOTALS = """
+SELECT agent_id, currency, date_trunc('hour', occurred_at, 'UTC') AS bucket,
+       COALESCE(sum(cost) FILTER (WHERE event_type IN ('settlement', 'expiry', 'adjustment')), 0) AS total,
+       count(*) FILTER (WHERE event_type IN ('settlement', 'expiry')) AS spending_events,
+       count(*) AS ledger_events
+  FROM ledger_events GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
+"""
+
+
 def raw_totals(url: str) -> list[dict[str, Any]]:
-    return rows(
-        url,
-        """
-        SELECT agent_id, currency, date_trunc('hour', occurred_at, 'UTC') AS bucket,
-               COALESCE(sum(cost) FILTER (WHERE event_type IN ('settlement', 'expiry', 'adjustment')), 0) AS total,
-               count(*) FILTER (WHERE event_type IN ('settlement', 'expiry')) AS spending_events,
-               count(*) AS ledger_events
-          FROM ledger_events GROUP BY 1, 2, 3 ORDER BY 1, 3, 2
-        """,
-    )
+    return rows(url, _RAW_TOTALS)
+
+
+def totals_beside_raw(url: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The kept totals and the ones the raw events give, read from one snapshot: a writer's transaction that
+    commits between two separate reads (a killed writer's backend finishing its commit) cannot tell them
+    apart."""
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        with conn.transaction():
+            kept = conn.execute("SELECT * FROM spend_totals ORDER BY agent_id, bucket, currency").fetchall()
+            raw = conn.execute(_RAW_TOTALS).fetchall()  # type: ignore[arg-type]
+    return kept, raw
 
 
 def dead_letters(url: str) -> list[dict[str, Any]]:
