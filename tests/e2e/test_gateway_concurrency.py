@@ -352,12 +352,11 @@ def test_flat_priced_calls_admit_exactly_what_the_budget_holds(stack: Stack) -> 
     _check_counters(stack, agent, rows, {agent.agent_id: {agent.agent_id}})
 
 
-def test_token_priced_calls_of_random_size_never_overspend(stack: Stack) -> None:
-    agent = make_agent(stack.cli, "crowd-tokens", limit=str(LIMIT))
-    _await_cache(stack)
-    rng = random.Random(20240611)
+def _token_calls(
+    agent: AgentKey, rng: random.Random, count: int
+) -> list[tuple[AgentKey, str, dict[str, str], bytes]]:
     calls = []
-    for _ in range(REQUESTS):
+    for _ in range(count):
         words = " ".join("word" for _ in range(rng.randint(1, 30)))
         body = {
             "model": "gpt-conc",
@@ -366,9 +365,25 @@ def test_token_priced_calls_of_random_size_never_overspend(stack: Stack) -> None
         }
         headers = {"X-Fake-Output-Tokens": str(rng.randint(0, MAX_TOKENS))}
         calls.append((agent, "/openai/v1/chat/completions", headers, json.dumps(body).encode()))
+    return calls
+
+
+def test_token_priced_calls_of_random_size_never_overspend(stack: Stack) -> None:
+    agent = make_agent(stack.cli, "crowd-tokens", limit=str(LIMIT))
+    _await_cache(stack)
+    rng = random.Random(20240611)
     seen_before = len(stack.upstream.fake.requests)
 
-    replies = asyncio.run(_fire(stack, calls))
+    replies = asyncio.run(_fire(stack, _token_calls(agent, rng, REQUESTS)))
+    # Then smaller waves, each once the one before is settled, until a wave admits nothing: holds are upper
+    # bounds and a burst fills the budget with them, but what a call does not use is free again once it is
+    # settled, and near the limit the output limit is clamped to what is left.
+    for _ in range(30):
+        _settled_ledger(stack, replies)
+        wave = asyncio.run(_fire(stack, _token_calls(agent, rng, 100)))
+        replies += wave
+        if not any(r.status == 200 for r in wave):
+            break
 
     admitted = [r for r in replies if r.status == 200]
     assert len(stack.upstream.fake.requests) - seen_before == len(admitted), (
@@ -385,9 +400,10 @@ def test_token_priced_calls_of_random_size_never_overspend(stack: Stack) -> None
         assert settlement["cost"] <= Decimal(settlement["metadata"]["hold"])
     spent = sum((s["cost"] for s in settlements.values()), Decimal(0))
     assert spent <= LIMIT
-    # Holds are larger than most calls, so more calls fit than holds would suggest; near the limit the
-    # output limit is clamped to what is left and the last calls are refused.
-    assert spent > LIMIT / 2, spent
+    # The last wave was refused whole: what is left cannot pay for even one output token of any of its calls
+    # (each would have been admitted with its output limit clamped to what is left).
+    bounds = [r["metadata"]["input_token_bound"] for r in rows if r["event_type"] == "reservation"]
+    assert LIMIT - spent < max(bounds) * INPUT + OUTPUT, (spent, max(bounds))
     _check_counters(stack, agent, rows, {agent.agent_id: {agent.agent_id}})
 
 
