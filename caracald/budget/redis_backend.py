@@ -46,8 +46,9 @@ must run periodically (every few seconds) somewhere: until it does, an abandoned
 against its budgets (the safe side), and its record stays.
 
 Any Redis failure (connection refused or lost, timeout, read-only replica, out of memory, script error)
-raises ``BudgetUnavailableError``: the gateway fails closed with a 503. redis-py retries a failed command
-twice; a retried admission whose first attempt did run answers ``replayed=True`` with the same decision.
+raises ``BudgetUnavailableError``: the gateway fails closed with a 503. A script call whose connection
+fails is sent again on a new one (redis-py retries its other commands twice); a retried admission whose
+first attempt did run answers ``replayed=True`` with the same decision.
 """
 
 from __future__ import annotations

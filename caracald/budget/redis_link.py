@@ -46,14 +46,15 @@ def _reply_error(message: str) -> ResponseError:
 class RedisLink(asyncio.Protocol):
     """A connection that answers :meth:`call` with the replies of its commands, in order."""
 
-    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
+    def __init__(self, transport: asyncio.Transport, timeout: float, streams: tuple[Any, ...] = ()) -> None:
         self._transport = transport
+        # The stream objects redis-py opened the socket with: their finalisers would close it.
+        self._streams = streams
         self._timeout = timeout
         self._loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader(replyError=_reply_error, encoding="utf-8")
         self._waiting: collections.deque[_Waiting] = collections.deque()
         self._broken: BaseException | None = None
-        self._streams: tuple[Any, ...] = ()
 
     @classmethod
     async def open(cls, pool: ConnectionPool) -> RedisLink:
@@ -64,11 +65,9 @@ class RedisLink(asyncio.Protocol):
         if writer is None:
             raise RedisConnectionError("redis-py opened no stream to hand over")
         timeout = pool.connection_kwargs.get("socket_timeout") or DEFAULT_TIMEOUT
-        link = cls(writer.transport, float(timeout))  # type: ignore[arg-type]
+        link = cls(writer.transport, float(timeout), (connection._reader, writer))  # type: ignore[arg-type]
         writer.transport.set_protocol(link)
-        # The connection object no longer owns the socket (its finaliser would close it); the stream objects
-        # stay referenced here, as theirs would close it too.
-        link._streams = (connection._reader, writer)
+        # The connection object no longer owns the socket (its finaliser would close it).
         connection._reader = connection._writer = None
         return link
 
