@@ -1,12 +1,15 @@
 """Holds and their settlement: the budget backend's decisions, and the metering events that record them.
 
 * ``admit`` reserves the hold on every scope at once (402 when any cannot take it, 503 when the backend is
-  unreachable); ``record_reservation`` then emits the reservation event. The gateway sends the call while that
-  event is on its way and waits for it to be durable (acknowledged by the bus, or spooled) before anything
-  of the answer goes back; when it cannot be delivered the request is refused (503) and the hold charged
-  (``refuse_unrecorded``). After such a failure, and until an event is delivered again, the gateway waits for
-  each reservation event before it forwards the call, and releases the hold when it fails: while the sink
-  fails, no call goes out unrecorded.
+  unreachable); ``record_reservation`` then makes the reservation event durable. With the charge journal
+  (a gateway with ``bus.spool_dir``), the event is written there before the call goes out and sent in the
+  background: the journal keeps it until the bus has it, and a gateway that cannot write its journal refuses
+  the call (503) and releases the hold. Without one, the gateway sends the call while the event is on its
+  way and waits for it to be durable (acknowledged by the bus, or spooled) before anything of the answer goes
+  back; when it cannot be delivered the request is refused (503) and the hold charged
+  (``refuse_unrecorded``). After such a failure, and until an event is delivered again, the gateway waits
+  for each reservation event before it forwards the call, and releases the hold when it fails: while the
+  sink fails, no call goes out unrecorded.
 * ``settle`` replaces the hold by the actual cost and emits the settlement, or an adjustment when the hold had
   already expired (the expiry charged the hold; the adjustment corrects it to the actual cost). A settlement
   the backend does not take after a few tries is left to expiry, which charges the hold: the safe direction.
@@ -147,17 +150,39 @@ class Billing:
         self.holds_in_flight += 1
         return hold
 
-    def record_reservation(self, hold: Hold) -> asyncio.Task[bool]:
-        """Emit the hold's reservation event in the background; the task answers whether it is durable
-        (acknowledged by the bus, spooled, or written), and ``sink_healthy`` follows the last answer."""
-        return self.spawn(self._record_reservation(hold))
+    def record_reservation(self, hold: Hold) -> asyncio.Future[bool]:
+        """Make the hold's reservation event durable; the future answers whether it is.
 
-    async def _record_reservation(self, hold: Hold) -> bool:
+        With a journal, the event is written there (the future is done at once: false when the journal cannot
+        be written) and sent to the sink in the background: a restarted gateway sends what the journal still
+        holds, so nothing of the call need wait for the bus. Without one, the future is the send itself
+        (acknowledged by the bus, spooled, or written), and ``sink_healthy`` follows its answer.
+        """
         event = self._event(hold, LedgerEventType.RESERVATION, Money.zero(hold.priced.hold.currency))
+        if self.journal is None:
+            return self.spawn(self._record_reservation(hold.request_id, event))
+        durable = asyncio.get_running_loop().create_future()
+        try:
+            self.journal.intend("reserve", hold.request_id, encode(event).decode())
+        except OSError as exc:
+            log.error("reservation of %s not journalled: %s", hold.request_id, exc)
+            self.metrics.emit_failures.labels("reservation").inc()
+            durable.set_result(False)
+            return durable
+        durable.set_result(True)
+        self.spawn(self._send_journalled(event))
+        return durable
+
+    async def _send_journalled(self, event: MeteringEvent) -> None:
+        # Undelivered, the intent stays in the journal: the expiry loop sends it again later.
+        if await self._emit(event):
+            self._resolve("reserve", event.request_id)
+
+    async def _record_reservation(self, request_id: uuid.UUID, event: MeteringEvent) -> bool:
         try:
             await self.sink.emit(event)
         except Exception as exc:
-            log.error("reservation event for %s not delivered: %s", hold.request_id, exc)
+            log.error("reservation event for %s not delivered: %s", request_id, exc)
             self.metrics.emit_failures.labels("reservation").inc()
             self.sink_healthy = False
             return False
@@ -197,7 +222,10 @@ class Billing:
             details = {**hold.extra, **extra, "settled_at": settled_at.isoformat()}
             draft = self._event(hold, LedgerEventType.SETTLEMENT, cost, usage, details)
             if self.journal is not None:  # before the counters change: a crash from here on loses nothing
-                self.journal.intend("settle", hold.request_id, encode(draft).decode())
+                try:
+                    self.journal.intend("settle", hold.request_id, encode(draft).decode())
+                except OSError as exc:  # the settlement goes ahead unprotected: better than a hold left open
+                    log.error("settlement of %s not journalled: %s", hold.request_id, exc)
         self._charging.add(hold.request_id)
         try:
             settlement = None
@@ -268,7 +296,10 @@ class Billing:
         intents = [i for i in self.journal.pending(older_than) if i.request_id not in self._charging]
         resolved = 0
         for intent in intents:
-            if intent.kind == "settle" and await self._recover_settlement(intent):
+            if intent.kind == "reserve" and await self._emit(decode(intent.payload.encode())):
+                self._resolve("reserve", intent.request_id)
+                resolved += 1
+            elif intent.kind == "settle" and await self._recover_settlement(intent):
                 resolved += 1
         expiries = [i.request_id for i in intents if i.kind == "expire"]
         if expiries:

@@ -5,6 +5,8 @@ between the two (``kill -9``, the OOM killer, a node lost) would leave the count
 without the event: the hold shows as open for ever, and the ledger under-counts the spend. So each charge is
 written here first, as an *intent*, and marked *resolved* once its event is on the bus:
 
+* ``reserve``: the reservation event of an admitted hold, written before the call goes out (so the call need
+  not wait for the bus to acknowledge it);
 * ``settle``: the settlement event as it will be sent (its cost is the actual cost);
 * ``expire``: the request id of a hold whose time to live ran out, written before the backend's expiry.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -44,8 +47,8 @@ from caracald.core.errors import CaracalError
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["settle", "expire"]
-KINDS: Final = ("settle", "expire")
+Kind = Literal["reserve", "settle", "expire"]
+KINDS: Final = ("reserve", "settle", "expire")
 #: Rewrite the file (unresolved intents only) after this many lines.
 COMPACT_AFTER_LINES: Final = 100_000
 
@@ -64,7 +67,7 @@ class JournalBusyError(CaracalError):
 class Intent:
     kind: Kind
     request_id: uuid.UUID
-    payload: str = ""  # the encoded settlement event, for ``settle``
+    payload: str = ""  # the encoded event, for ``reserve`` and ``settle``
     written: float = 0.0  # time.monotonic() when written (0: found in the file at start)
 
 
@@ -102,6 +105,9 @@ class ChargeJournal:
     # -- writing ------------------------------------------------------------------------------------------
 
     def intend(self, kind: Kind, request_id: uuid.UUID, payload: str = "") -> None:
+        """Write an intent at once (``OSError`` when it cannot be: a full disk, a closed journal)."""
+        if self._fd < 0:
+            raise OSError(errno.EBADF, f"{self.path} is closed")
         intent = Intent(kind, request_id, payload, time.monotonic())
         self._pending[(kind, request_id)] = intent
         record: dict[str, str] = {"k": kind, "r": str(request_id)}

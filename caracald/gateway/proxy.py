@@ -266,8 +266,8 @@ class Gateway:
         headers = upstream.upstream_headers(request.scope["headers"], target.upstream)
         overlap = self.billing.sink_healthy
         recorded = self.billing.record_reservation(hold)
-        if not overlap and not await recorded:
-            # The sink failed lately: no call goes out before its reservation event is durable.
+        if (recorded.done() or not overlap) and not await recorded:
+            # Not journalled, or the sink failed lately: no call goes out before its reservation is durable.
             raise await self.billing.refuse_unrecorded(hold, forwarded=False)
         call.forwarded = True
         try:

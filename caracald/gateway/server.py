@@ -122,9 +122,13 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         if config.bus.spool_dir is not None:
             from caracald.bus.spool import Spool, SpoolingSink
 
+            # With a spool folder the gateway journals its reservations (see ``serve``) and no request waits
+            # for their acknowledgement: every event is batched. The prompt producer only forwards what an
+            # earlier run left in its spool.
             return SplitSink(
                 SpoolingSink(prompt, Spool(config.bus.spool_dir / PROMPT_SPOOL)),
                 SpoolingSink(batched, Spool(config.bus.spool_dir)),
+                quiet_below=0,
             )
         return SplitSink(ProducerSink(prompt), ProducerSink(batched))
     # The event log in PostgreSQL: the ledger writer applies the events (caracald up runs it in process).

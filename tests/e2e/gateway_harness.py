@@ -23,6 +23,7 @@ from caracald.budget.base import BudgetBackend
 from caracald.budget.local_backend import LocalBudget
 from caracald.gateway.app import GatewayDeps, GatewayState, create_app
 from caracald.gateway.cache import PostgresSnapshotSource
+from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.sinks import EventSink, LedgerSink
 from caracald.gateway.switches import PostgresSwitch
 from caracald.runtime.config import GatewayConfig, UpstreamConfig
@@ -69,6 +70,7 @@ class GatewayHarness:
         *,
         budget: BudgetBackend | None = None,
         sink: EventSink | None = None,
+        journal: ChargeJournal | None = None,
         switch_poll_seconds: float = 0.2,
         **config: Any,
     ) -> None:
@@ -80,6 +82,7 @@ class GatewayHarness:
         self.db = Database(database_url)
         self.budget: BudgetBackend = budget or LocalBudget()
         self.sink: EventSink = sink or LedgerSink(self.db)
+        self.journal = journal
         self.loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
@@ -103,6 +106,7 @@ class GatewayHarness:
             budget=self.budget,
             sink=self.sink,
             switches=[PostgresSwitch(self.db)],
+            journal=self.journal,
             expiry_interval=0.5,
             switch_poll_seconds=self.switch_poll_seconds,
         )

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -24,6 +25,7 @@ from psycopg.conninfo import conninfo_to_dict
 from caracald.budget.base import AdmissionRequest
 from caracald.budget.redis_backend import RedisBudget
 from caracald.core.events import MeteringEvent
+from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.sinks import MemorySink
 from caracald.store.database import Database
 from caracald.store.gateway import DENY_ALL, set_switch
@@ -570,6 +572,56 @@ def test_an_undeliverable_reservation_event_is_503_and_then_nothing_goes_out_unr
         assert spent() == Decimal("1.00")
         kinds = [(str(e.kind), str(e.request_id)) for e in sink.events]
         assert [k for k, _ in kinds] == ["reservation", "settlement"] * 3
+
+
+def test_with_a_journal_the_answer_does_not_wait_for_the_sink_and_the_events_follow_once(
+    database_url: str, cli: Cli, tmp_path: Path
+) -> None:
+    prices(cli)
+    sink = FlakySink()
+    journal = ChargeJournal(tmp_path / "charges.journal")
+    with GatewayHarness(database_url, sink=sink, journal=journal) as gateway:
+        agent = make_agent(cli, "agent-one", limit="5.00")
+        gateway.refresh()
+        assert gateway.state is not None
+        billing = gateway.state.billing
+        scopes = gateway.state.cache.current().scopes(uuid.UUID(agent.agent_id))
+
+        def spent() -> Decimal:
+            (status,) = gateway.run(gateway.budget.status(scopes, datetime.now(UTC)))
+            return status.settled.amount + status.held.amount
+
+        def call(i: int) -> httpx.Response:
+            return httpx.get(
+                f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
+            )
+
+        # The sink is down: the reservation is journalled, so the call is answered; its events wait in the
+        # journal (the live path gives up after its retries).
+        sink.failing = True
+        first = call(1)
+        assert first.status_code == 200
+        gateway.settled()
+        assert spent() == Decimal("0.25")
+        assert sink.events == []
+        assert sorted(i.kind for i in journal.pending()) == ["reserve", "settle"]
+        # Back up: running the journal again delivers both, and a second run delivers nothing more.
+        sink.failing = False
+        assert gateway.run(billing.recover()) == 2
+        assert gateway.run(billing.recover()) == 0
+        request_id = first.headers["x-caracal-request-id"]
+        assert sorted((str(e.kind), str(e.request_id)) for e in sink.events) == [
+            ("reservation", request_id),
+            ("settlement", request_id),
+        ]
+        assert len(journal) == 0
+        # A journal that cannot be written: nothing goes out, the hold is released, nothing is recorded.
+        journal.close()
+        assert_denied(call(2), 503, "event_sink_unavailable")
+        assert len(gateway.fake.requests) == 1
+        gateway.settled()
+        assert spent() == Decimal("0.25")
+        assert len(sink.events) == 2
 
 
 def _allow_connections(postgres_service: PostgresService, database_url: str, allow: bool) -> None:
