@@ -744,3 +744,40 @@ async def test_a_server_that_stops_answering_fails_the_call_in_time_then_serves_
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
         await budget.close()
+
+
+async def test_a_settlement_waits_for_the_next_admission_which_sees_it_settled(
+    redis_service: RedisService,
+) -> None:
+    budget = RedisBudget.from_url(
+        redis_service.url, namespace=f"test-{uuid.uuid4().hex[:12]}", settle_linger=timedelta(seconds=30)
+    )
+    s = scope("1.00")
+    try:
+        first = request((s,), "1.00")
+        assert (await budget.admit(first)).admitted
+        settling = asyncio.ensure_future(budget.settle(first.request_id, usd("0.40"), now()))
+        await asyncio.sleep(0.2)
+        assert not settling.done()  # lingering: no call came to carry it
+        # The next admission carries it, and Redis runs it first: the 0.60 fits only once it is settled.
+        assert (await budget.admit(request((s,), "0.60"))).admitted
+        assert (await asyncio.wait_for(settling, 1)).charged == usd("0.40")
+        assert await used(budget, s) == (usd("0.40"), usd("0.60"), 1)
+    finally:
+        await budget.close()
+
+
+async def test_a_lingering_settlement_goes_out_on_its_own_in_time(redis_service: RedisService) -> None:
+    budget = RedisBudget.from_url(
+        redis_service.url, namespace=f"test-{uuid.uuid4().hex[:12]}", settle_linger=timedelta(milliseconds=50)
+    )
+    s = scope("1.00")
+    try:
+        held = request((s,), "0.50")
+        assert (await budget.admit(held)).admitted
+        started = asyncio.get_running_loop().time()
+        assert (await budget.settle(held.request_id, usd("0.20"), now())).charged == usd("0.20")
+        assert asyncio.get_running_loop().time() - started >= 0.045
+        assert await used(budget, s) == (usd("0.20"), usd("0"), 0)
+    finally:
+        await budget.close()
