@@ -66,6 +66,8 @@ class Hold:
     admitted_mono: float
     extra: dict[str, Any] = field(default_factory=dict)
     settled: bool = False
+    #: The reservation event, journalled and not sent yet (see ``Billing.send_reservation``).
+    reservation: MeteringEvent | None = None
 
     @property
     def policy_ids(self) -> tuple[uuid.UUID, ...]:
@@ -154,8 +156,8 @@ class Billing:
         """Make the hold's reservation event durable; the future answers whether it is.
 
         With a journal, the event is written there (the future is done at once: false when the journal cannot
-        be written) and sent to the sink in the background: a restarted gateway sends what the journal still
-        holds, so nothing of the call need wait for the bus. Without one, the future is the send itself
+        be written) and sent later by :meth:`send_reservation`: a restarted gateway sends what the journal
+        still holds, so nothing of the call need wait for the bus. Without one, the future is the send itself
         (acknowledged by the bus, spooled, or written), and ``sink_healthy`` follows its answer.
         """
         event = self._event(hold, LedgerEventType.RESERVATION, Money.zero(hold.priced.hold.currency))
@@ -170,8 +172,22 @@ class Billing:
             durable.set_result(False)
             return durable
         durable.set_result(True)
-        self.spawn(self._send_journalled(event))
+        hold.reservation = event
         return durable
+
+    def send_reservation(self, hold: Hold) -> bool:
+        """Send the journalled reservation event of ``hold`` in the background, unless it was sent already
+        (whether it is sent now).
+
+        Called once the provider has answered (a stream as it starts, a whole answer by its settlement, once
+        the answer is on its way back), so that producing the event does not delay the call; the settlement
+        follows it on the same sink.
+        """
+        event, hold.reservation = hold.reservation, None
+        if event is not None:
+            self.spawn(self._send_journalled(event))
+            return True
+        return False
 
     async def _send_journalled(self, event: MeteringEvent) -> None:
         # Undelivered, the intent stays in the journal: the expiry loop sends it again later.
@@ -211,6 +227,9 @@ class Billing:
         if hold.settled:
             return
         hold.settled = True
+        if self.send_reservation(hold):
+            # The sinks take events in the order their sends start: the reservation's goes first.
+            await asyncio.sleep(0)
         self.holds_in_flight -= 1
         self.metrics.hold_age.observe(time.monotonic() - hold.admitted_mono)
         if cost > hold.priced.hold:

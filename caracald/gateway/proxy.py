@@ -289,6 +289,7 @@ class Gateway:
         is_stream = response.headers.get("content-type", "").lower().startswith("text/event-stream")
         if priced.token_price is not None and not is_stream:
             return await self._buffered(call, hold, response, out_headers)
+        self.billing.send_reservation(hold)
         meter = StreamMeter(priced) if priced.token_price is not None else None
 
         async def on_end(outcome: RelayOutcome) -> None:

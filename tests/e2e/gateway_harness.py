@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
 import threading
 import time
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -70,7 +72,7 @@ class GatewayHarness:
         *,
         budget: BudgetBackend | None = None,
         sink: EventSink | None = None,
-        journal: ChargeJournal | None = None,
+        journal: ChargeJournal | bool = True,
         switch_poll_seconds: float = 0.2,
         **config: Any,
     ) -> None:
@@ -82,7 +84,12 @@ class GatewayHarness:
         self.db = Database(database_url)
         self.budget: BudgetBackend = budget or LocalBudget()
         self.sink: EventSink = sink or LedgerSink(self.db)
-        self.journal = journal
+        # As a deployed gateway runs (with a spool folder): a charge journal, in a folder of its own.
+        self._journal_dir: tempfile.TemporaryDirectory[str] | None = None
+        if journal is True:
+            self._journal_dir = tempfile.TemporaryDirectory(prefix="caracal-journal-")
+            journal = ChargeJournal(Path(self._journal_dir.name) / "charges.journal")
+        self.journal = journal if isinstance(journal, ChargeJournal) else None
         self.loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
@@ -144,6 +151,10 @@ class GatewayHarness:
         if self._thread is not None:
             self._thread.join(30)
         self.db.close()
+        if self._journal_dir is not None:
+            assert self.journal is not None
+            self.journal.close()
+            self._journal_dir.cleanup()
 
     def __enter__(self) -> GatewayHarness:
         return self.start()

@@ -528,12 +528,12 @@ class FlakySink(MemorySink):
         await super().emit(event)
 
 
-def test_an_undeliverable_reservation_event_is_503_and_then_nothing_goes_out_unrecorded(
+def test_without_a_journal_an_undeliverable_reservation_event_is_503_then_nothing_goes_out_unrecorded(
     database_url: str, cli: Cli
 ) -> None:
     prices(cli)
     sink = FlakySink()
-    with GatewayHarness(database_url, sink=sink) as gateway:
+    with GatewayHarness(database_url, sink=sink, journal=False) as gateway:
         agent = make_agent(cli, "agent-one", limit="5.00")
         gateway.refresh()
         assert gateway.state is not None
@@ -596,13 +596,19 @@ def test_with_a_journal_the_answer_does_not_wait_for_the_sink_and_the_events_fol
                 f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
             )
 
+        # Healthy: the reservation event goes out once the provider has answered, before the settlement.
+        assert call(0).status_code == 200
+        gateway.settled()
+        assert [str(e.kind) for e in sink.events] == ["reservation", "settlement"]
+        assert len(journal) == 0
+        sink.events.clear()
         # The sink is down: the reservation is journalled, so the call is answered; its events wait in the
         # journal (the live path gives up after its retries).
         sink.failing = True
         first = call(1)
         assert first.status_code == 200
         gateway.settled()
-        assert spent() == Decimal("0.25")
+        assert spent() == Decimal("0.50")
         assert sink.events == []
         assert sorted(i.kind for i in journal.pending()) == ["reserve", "settle"]
         # Back up: running the journal again delivers both, and a second run delivers nothing more.
@@ -618,9 +624,9 @@ def test_with_a_journal_the_answer_does_not_wait_for_the_sink_and_the_events_fol
         # A journal that cannot be written: nothing goes out, the hold is released, nothing is recorded.
         journal.close()
         assert_denied(call(2), 503, "event_sink_unavailable")
-        assert len(gateway.fake.requests) == 1
+        assert len(gateway.fake.requests) == 2
         gateway.settled()
-        assert spent() == Decimal("0.25")
+        assert spent() == Decimal("0.50")
         assert len(sink.events) == 2
 
 
