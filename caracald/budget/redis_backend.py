@@ -106,9 +106,6 @@ T = TypeVar("T")
 
 #: Redis 7.0 brought EXPIRETIME, which the scripts use to only ever extend a counter's expiry.
 MIN_REDIS_VERSION: Final = (7, 0)
-#: How long a settlement may wait to share a write with the next admission (see ``_ScriptBatcher.call``):
-#: about one request's time through a quiet gateway; the hold stays counted that much longer.
-DEFAULT_SETTLE_LINGER: Final = timedelta(milliseconds=2)
 
 # KEYS: 1 request record, 2 holds zset, 3 loaded marker, 4.. counters.
 # ARGV: 1 request id, 2 amount, 3 currency, 4 agent, 5 at (us), 6 expires (us), 7 decision ttl (s),
@@ -379,53 +376,26 @@ class _ScriptBatcher:
         self._client = client
         self._max_batch = max_batch
         self._pending: list[_Call] = []
-        #: Calls that may wait for the next one to share its write (see ``call``), and their timer.
-        self._deferred: list[_Call] = []
-        self._deferred_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._link: RedisLink | None = None
         self._opening = asyncio.Lock()
 
-    def call(
-        self, script: AsyncScript, keys: list[str], args: list[str], *, defer: float = 0.0
-    ) -> asyncio.Future[Any]:
-        """Send a script call; ``defer`` seconds is how long it may wait to go out with the next call that
-        cannot wait (it goes first in that write), or on its own when none comes.
-
-        A settlement waits: nobody waits for its answer, and a quiet gateway's next admission, which does not
-        wait, carries it to Redis in the same write, one wake-up of Redis and of the gateway instead of two.
-        Redis runs it before that admission, so the admission sees the settled counters.
-        """
+    def call(self, script: AsyncScript, keys: list[str], args: list[str]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        if defer > 0:
-            self._deferred.append((script, keys, args, future))
-            if self._deferred_timer is None:
-                self._deferred_timer = loop.call_later(defer, self._flush)
-            return future
         link = self._link
         if not self._pending and link is not None and link.idle:
             # Nothing in flight: a quiet gateway's call goes out now, not a turn of the loop later. Under load
             # replies are always outstanding, and calls gather into batches.
-            self._write(link, [*self._take_deferred(), (script, keys, args, future)])
+            self._write(link, [(script, keys, args, future)])
             return future
         if not self._pending:
             loop.call_soon(self._flush)
         self._pending.append((script, keys, args, future))
         return future
 
-    def _take_deferred(self) -> list[_Call]:
-        if self._deferred_timer is None:
-            return []
-        self._deferred_timer.cancel()
-        self._deferred_timer = None
-        batch, self._deferred = self._deferred, []
-        return batch
-
     def _flush(self) -> None:
-        batch = self._take_deferred()
-        batch.extend(self._pending)
-        self._pending = []
+        batch, self._pending = self._pending, []
         for start in range(0, len(batch), self._max_batch):
             chunk = batch[start : start + self._max_batch]
             link = self._link
@@ -518,9 +488,6 @@ class _ScriptBatcher:
             return link
 
     def close(self) -> None:
-        for *_, future in self._take_deferred():
-            if not future.done():
-                future.set_exception(RedisConnectionError("the budget backend is closed"))
         if self._link is not None:
             self._link.close()
             self._link = None
@@ -549,7 +516,6 @@ class RedisBudget:
         owns_client: bool = False,
         settle_cache_size: int = 10_000,
         pipelining: bool = True,
-        settle_linger: timedelta = DEFAULT_SETTLE_LINGER,
     ) -> None:
         if not namespace or any(c in namespace for c in "{} "):
             raise ValidationError(
@@ -576,7 +542,6 @@ class RedisBudget:
         # The counters each hold admitted here sits on, so settling it takes one round trip.
         self._settle_keys: dict[uuid.UUID, list[str]] = {}
         self._settle_cache_size = settle_cache_size
-        self._settle_linger = settle_linger.total_seconds()
 
     @classmethod
     def from_url(
@@ -625,12 +590,10 @@ class RedisBudget:
             detail = str(exc) or type(exc).__name__
             raise BudgetUnavailableError(f"the budget counters (Redis) are unavailable: {detail}") from exc
 
-    def _script(
-        self, script: AsyncScript, keys: list[str], args: list[str], *, defer: float = 0.0
-    ) -> Awaitable[Any]:
+    def _script(self, script: AsyncScript, keys: list[str], args: list[str]) -> Awaitable[Any]:
         if self._batcher is None:
             return script(keys=keys, args=args)
-        return self._batcher.call(script, keys, args, defer=defer)
+        return self._batcher.call(script, keys, args)
 
     def _remember(self, request_id: uuid.UUID, keys: list[str]) -> None:
         if len(self._settle_keys) >= self._settle_cache_size:
@@ -718,8 +681,7 @@ class RedisBudget:
         args = [str(request_id), str(units), actual.currency, self._decision_seconds, self._fallback_seconds]
         for _attempt in range(2):
             keys = [self.request_key(request_id), self.holds_key, *counters]
-            settling = self._script(self._settle_script, keys, args, defer=self._settle_linger)
-            reply = [_text(part) for part in await self._run(settling)]
+            reply = [_text(part) for part in await self._run(self._script(self._settle_script, keys, args))]
             match reply:
                 case ["settled", held, state]:
                     correction = (
