@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 from starlette.applications import Starlette
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -27,12 +26,13 @@ from caracald.budget.base import BudgetBackend
 from caracald.gateway.billing import Billing
 from caracald.gateway.cache import PolicyCache, SnapshotSource
 from caracald.gateway.health import HealthEndpoints
+from caracald.gateway.http_client import UpstreamClient
 from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.metrics import GatewayMetrics, MetricsServer
 from caracald.gateway.proxy import Gateway
 from caracald.gateway.sinks import EventSink
 from caracald.gateway.switches import DenyAllSwitch, SwitchSource
-from caracald.gateway.upstream import make_session
+from caracald.gateway.upstream import make_client
 from caracald.runtime.config import GatewayConfig
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,8 @@ class GatewayDeps:
     budget: BudgetBackend
     sink: EventSink
     switches: list[SwitchSource] = field(default_factory=list)
-    #: The upstream session; made (and closed) by the lifespan when None.
-    http: aiohttp.ClientSession | None = None
+    #: The providers' client; made (and closed) by the lifespan when None.
+    http: UpstreamClient | None = None
     clock: Callable[[], datetime] = _utcnow
     metrics: GatewayMetrics | None = None
     #: Serve /metrics on ``config.metrics_port`` (host ``config.host``).
@@ -72,7 +72,7 @@ class GatewayState:
     metrics: GatewayMetrics
     gateway: Gateway
     metrics_server: MetricsServer | None = None
-    session: aiohttp.ClientSession | None = None
+    client: UpstreamClient | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -100,10 +100,10 @@ def create_app(deps: GatewayDeps) -> Starlette:
         deny_all=lambda: 1.0 if switch.on else 0.0,
     )
 
-    def session() -> aiohttp.ClientSession:
-        if state.session is None:
-            raise RuntimeError("the gateway's upstream session is not open (lifespan not started)")
-        return state.session
+    def client() -> UpstreamClient:
+        if state.client is None:
+            raise RuntimeError("the gateway's upstream client is not open (lifespan not started)")
+        return state.client
 
     gateway = Gateway(
         config,
@@ -112,14 +112,14 @@ def create_app(deps: GatewayDeps) -> Starlette:
         billing=billing,
         metrics=metrics,
         clock=deps.clock,
-        session=session,
+        client=client,
     )
     state = GatewayState(deps, cache, switch, billing, metrics, gateway)
     health = HealthEndpoints(cache, switch, billing, deps.sink)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.session = deps.http or make_session(config)
+        state.client = deps.http or make_client(config)
         if deps.serve_metrics:
             state.metrics_server = MetricsServer(metrics, config.host, config.metrics_port)
             state.metrics_server.start()
@@ -139,9 +139,9 @@ def create_app(deps: GatewayDeps) -> Starlette:
                 task.cancel()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             await billing.drain()
-            if deps.http is None and state.session is not None:
-                await state.session.close()
-            state.session = None
+            if deps.http is None and state.client is not None:
+                await state.client.close()
+            state.client = None
             if state.metrics_server is not None:
                 state.metrics_server.stop()
 

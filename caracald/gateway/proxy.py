@@ -23,9 +23,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
-import aiohttp
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Send
@@ -40,6 +39,7 @@ from caracald.gateway.auth import extract_key, identify, require_active
 from caracald.gateway.billing import Billing, Hold
 from caracald.gateway.cache import PolicyCache
 from caracald.gateway.errors import DENY_REASON_HEADER, REQUEST_ID_HEADER, Denied, Flavor, error_body
+from caracald.gateway.http_client import UpstreamClient, UpstreamError, UpstreamResponse
 from caracald.gateway.metrics import GatewayMetrics
 from caracald.gateway.pricing import (
     EndpointKind,
@@ -93,6 +93,9 @@ def _raw_path(scope: AsgiScope) -> str:
     return (raw if raw is not None else scope["path"].encode()).decode("latin-1")
 
 
+_REQUEST_ID: Final = REQUEST_ID_HEADER.lower().encode()
+
+
 class _Answer:
     """A complete answer, sent as it is (a raw ASGI response: no header processing on the way out)."""
 
@@ -135,7 +138,7 @@ class Gateway:
         billing: Billing,
         metrics: GatewayMetrics,
         clock: Callable[[], datetime],
-        session: Callable[[], aiohttp.ClientSession],
+        client: Callable[[], UpstreamClient],
     ) -> None:
         self.config = config
         self.cache = cache
@@ -143,7 +146,7 @@ class Gateway:
         self.billing = billing
         self.metrics = metrics
         self.clock = clock
-        self.session = session
+        self.client = client
         #: (route label, status) -> its request counter and duration histogram.
         self._series: dict[tuple[str, int], tuple[Any, Any]] = {}
 
@@ -271,22 +274,22 @@ class Gateway:
             raise await self.billing.refuse_unrecorded(hold, forwarded=False)
         call.forwarded = True
         try:
-            response = await upstream.send(self.session(), request.method, target.url, headers, priced.body)
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": repr(exc)}))
+            response = await self.client().request(request.method, target.url, headers, priced.body)
+        except TimeoutError as exc:
+            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": str(exc)}))
             raise Denied(504, "upstream_timeout", "the provider did not answer in time") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
+            # Unreachable, or the answer broke off before its headers: the provider did not answer.
             zero = Money.zero(priced.hold.currency)
-            self.billing.spawn(self.billing.settle(hold, zero, None, {"upstream_error": repr(exc)}))
-            raise Denied(
-                502, "upstream_unavailable", f"the provider could not be reached ({type(exc).__name__})"
-            ) from None
+            self.billing.spawn(self.billing.settle(hold, zero, None, {"upstream_error": str(exc)}))
+            raise Denied(502, "upstream_unavailable", f"the provider could not be reached: {exc}") from None
         if not await recorded:
             # The event was in flight while the call went out; nothing of the answer goes back unrecorded.
             response.close()
             raise await self.billing.refuse_unrecorded(hold, forwarded=True)
-        out_headers = [*upstream.client_headers(response), (REQUEST_ID_HEADER, str(call.request_id))]
-        is_stream = response.headers.get("content-type", "").lower().startswith("text/event-stream")
+        out_headers = [*upstream.client_headers(response), (_REQUEST_ID, str(call.request_id).encode())]
+        content_type = response.header(b"content-type") or b""
+        is_stream = content_type.lower().startswith(b"text/event-stream")
         if priced.token_price is not None and not is_stream:
             return await self._buffered(call, hold, response, out_headers)
         self.billing.send_reservation(hold)
@@ -300,14 +303,14 @@ class Gateway:
         )
 
     async def _buffered(
-        self, call: _Call, hold: Hold, response: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+        self, call: _Call, hold: Hold, response: UpstreamResponse, headers: list[tuple[bytes, bytes]]
     ) -> ASGIApp:
         priced = hold.priced
         try:
             body = await response.read()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             response.close()
-            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": repr(exc)}))
+            self.billing.spawn(self.billing.settle(hold, priced.hold, None, {"upstream_error": str(exc)}))
             raise Denied(502, "upstream_failed", "the provider's answer broke off") from None
         response.release()
         usage: TokenUsage | None = None
@@ -325,9 +328,8 @@ class Gateway:
         extra = {"status": response.status, "usage_source": source}
         self.billing.spawn(self.billing.settle(hold, cost, usage, extra))
         self._observe(call, response.status)
-        raw = [(b"content-length", str(len(body)).encode())]
-        raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers)
-        return _Answer(response.status, raw, body)
+        headers.append((b"content-length", b"%d" % len(body)))
+        return _Answer(response.status, headers, body)
 
     async def _end_relay(
         self, call: _Call, hold: Hold, meter: StreamMeter | None, outcome: RelayOutcome

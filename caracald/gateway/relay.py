@@ -16,10 +16,10 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from starlette.types import Receive, Scope, Send
 
 from caracald.gateway.errors import Flavor, stream_error_event
+from caracald.gateway.http_client import UpstreamError, UpstreamResponse
 from caracald.gateway.streaming import EventTooLargeError, SseSplitter, StreamMeter
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,8 @@ class RelayOutcome:
 class Relay:
     def __init__(
         self,
-        upstream: aiohttp.ClientResponse,
-        headers: list[tuple[str, str]],
+        upstream: UpstreamResponse,
+        headers: list[tuple[bytes, bytes]],
         *,
         meter: StreamMeter | None,
         flavor: Flavor,
@@ -90,11 +90,10 @@ class Relay:
         await self._body(send, stream_error_event(self.flavor, status, reason, message), outcome)
 
     async def _pump(self, send: Send, outcome: RelayOutcome) -> None:
-        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.headers]
-        await send({"type": "http.response.start", "status": self.status, "headers": raw_headers})
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
         splitter = SseSplitter() if self.meter is not None else None
         try:
-            async for chunk in self.upstream.content.iter_any():
+            async for chunk in self.upstream.iter_chunks():
                 if splitter is None or self.meter is None:
                     await self._body(send, chunk, outcome)
                     continue
@@ -116,7 +115,7 @@ class Relay:
             outcome.completed = True
         except EventTooLargeError as exc:
             await self._cut(send, outcome, 502, "upstream_invalid", str(exc))
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except UpstreamError as exc:
             outcome.upstream_error = f"{type(exc).__name__}: {exc}"
             log.warning("upstream stream failed: %s", outcome.upstream_error)
             if self.meter is not None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from caracald.core.errors import ValidationError as CaracalValidationError
 
@@ -88,6 +88,9 @@ class RedisConfig(_Section):
 class UpstreamConfig(_Section):
     """A provider the gateway forwards to. The agent never sees ``api_key``."""
 
+    # An error must not print the key it found wrong.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
     base_url: str
     api_key: SecretStr | None = None
     api_key_file: Path | None = None
@@ -95,6 +98,15 @@ class UpstreamConfig(_Section):
     auth: str = "bearer"
     #: Wire format for usage metering and error shapes: openai, anthropic or generic.
     flavor: Literal["openai", "anthropic", "generic"] = "generic"
+
+    @field_validator("api_key", "auth")
+    @classmethod
+    def _header_safe(cls, value: Any) -> Any:
+        """Both go into a request header: no control characters (a line break would end the header)."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str) and (any(ord(c) < 32 or ord(c) == 127 for c in text) or not text.isascii()):
+            raise ValueError("must be printable ASCII (no line breaks or other control characters)")
+        return value
 
 
 def _default_upstreams() -> dict[str, UpstreamConfig]:

@@ -27,6 +27,7 @@ from caracald.budget.redis_backend import RedisBudget
 from caracald.core.events import MeteringEvent
 from caracald.gateway.journal import ChargeJournal
 from caracald.gateway.sinks import MemorySink
+from caracald.runtime.config import UpstreamConfig
 from caracald.store.database import Database
 from caracald.store.gateway import DENY_ALL, set_switch
 from tests.e2e.fake_upstream import OPENAI_KEY
@@ -735,3 +736,65 @@ def test_metrics_and_stats(gateway: GatewayHarness, agent: AgentKey) -> None:
     health = httpx.get(f"{gateway.url}/health").json()
     assert health["status"] == "ok"
     assert health["components"]["budget"]["status"] == "ok"
+
+
+async def _misbehave(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A provider that breaks off its answer when asked to (``X-Misbehave: break``), and else never answers."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b"x-misbehave: break" in head.lower():
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"par')
+        await writer.drain()
+        writer.close()
+        return
+    await reader.read()  # hang until the gateway gives up
+
+
+def test_a_provider_that_fails_is_answered_in_its_kind_and_charged_only_if_it_may_have_worked(
+    database_url: str, cli: Cli
+) -> None:
+    prices(cli)
+    bad_port = free_port()
+    upstreams = {
+        "dead": UpstreamConfig(base_url=f"http://127.0.0.1:{free_port()}/search-api"),
+        "bad": UpstreamConfig(base_url=f"http://127.0.0.1:{bad_port}", api_key="sk-bad", flavor="openai"),
+    }
+    with GatewayHarness(database_url, upstreams=upstreams, upstream_timeout_seconds=1) as gateway:
+        agent = make_agent(cli, "agent-one", limit="5.00")
+        gateway.refresh()
+        server = gateway.run(asyncio.start_server(_misbehave, "127.0.0.1", bad_port))
+
+        def charged() -> list[tuple[Decimal, Decimal]]:
+            """(cost, hold) of each settlement so far, in order."""
+            gateway.settled()
+            rows = sorted(gateway.ledger(agent.agent_id, "settlement"), key=lambda r: r["occurred_at"])
+            return [(Decimal(r["cost"]), Decimal(r["metadata"]["hold"])) for r in rows]
+
+        try:
+            # Nobody listening: nothing was sent, nothing is charged.
+            reply = httpx.get(
+                f"{gateway.url}/u/dead/priced/1", headers={"x-api-key": agent.api_key}, timeout=30
+            )
+            assert_denied(reply, 502, "upstream_unavailable")
+            assert charged() == [(Decimal("0"), Decimal("0.25"))]
+            # Sent, then silence past the timeout: the provider may have done the work; the hold is charged.
+            started = time.monotonic()
+            assert_denied(
+                post(gateway, "/u/bad/v1/chat/completions", agent.api_key, json=CHAT), 504, "upstream_timeout"
+            )
+            assert time.monotonic() - started < 5
+            (_, (cost, hold)) = charged()
+            assert cost == hold > 0
+            # An answer that breaks off: charged at the hold as well.
+            broken = post(
+                gateway,
+                "/u/bad/v1/chat/completions",
+                agent.api_key,
+                json=CHAT,
+                headers={"X-Misbehave": "break"},
+            )
+            assert_denied(broken, 502, "upstream_failed")
+            (*_, (cost, hold)) = charged()
+            assert cost == hold > 0
+            assert len(charged()) == 3
+        finally:
+            server.close()
