@@ -584,8 +584,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"{per_request} ms of its CPU per request",
                     flush=True,
                 )
-        with urllib.request.urlopen(f"http://127.0.0.1:{targets[2].port}/stats", timeout=5) as reply:
-            stats = json.loads(reply.read())
+        # The last wrk run may have just ended: wait for the gateway to settle what it had in flight.
+        waited = time.monotonic()
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{targets[2].port}/stats", timeout=5) as reply:
+                stats = json.loads(reply.read())
+            idle = not stats.get("budget_holds_in_flight") and not stats.get("background_tasks")
+            if idle or time.monotonic() - waited > 30:
+                break
+            time.sleep(0.2)
+        stats["seconds_to_settle"] = round(time.monotonic() - waited, 1)
         ok = report(targets, args)
         load_after = os.getloadavg()
         print(

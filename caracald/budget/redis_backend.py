@@ -381,9 +381,10 @@ class _ScriptBatcher:
         self._opening = asyncio.Lock()
 
     def call(self, script: AsyncScript, keys: list[str], args: list[str]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
         link = self._link
+        # An open link's loop is the running one (asking asyncio costs a getpid() system call).
+        loop = link.loop if link is not None and link.usable else asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         if not self._pending and link is not None and link.idle:
             # Nothing in flight: a quiet gateway's call goes out now, not a turn of the loop later. Under load
             # replies are always outstanding, and calls gather into batches.

@@ -72,6 +72,11 @@ class RedisLink(asyncio.Protocol):
         return link
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the link's socket belongs to."""
+        return self._loop
+
+    @property
     def usable(self) -> bool:
         return self._broken is None and not self._transport.is_closing()
 

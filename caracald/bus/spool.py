@@ -384,7 +384,7 @@ async def _within(future: asyncio.Future[None], seconds: float) -> None:
         expired = True
         future.cancel()
 
-    timer = asyncio.get_running_loop().call_later(seconds, expire)
+    timer = future.get_loop().call_later(seconds, expire)
     try:
         await future
     except asyncio.CancelledError:

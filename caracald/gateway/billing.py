@@ -100,6 +100,7 @@ class Billing:
         #: gateway waits for each reservation event before it forwards the call.
         self.sink_healthy = True
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
         metrics.holds_in_flight.set_function(lambda: self.holds_in_flight)
         self._admitted_evaluations = metrics.policy_evaluations.labels("admitted")
         self._denied_evaluations = metrics.policy_evaluations.labels("denied")
@@ -163,7 +164,7 @@ class Billing:
         event = self._event(hold, LedgerEventType.RESERVATION, Money.zero(hold.priced.hold.currency))
         if self.journal is None:
             return self.spawn(self._record_reservation(hold.request_id, event))
-        durable = asyncio.get_running_loop().create_future()
+        durable = self._running_loop().create_future()
         try:
             self.journal.intend("reserve", hold.request_id, encode(event).decode())
         except OSError as exc:
@@ -372,10 +373,17 @@ class Billing:
 
     def spawn(self, coro: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
         """Run ``coro`` in the background; ``drain`` waits for it at shutdown."""
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Remembered: asking asyncio costs a getpid() system call each time, several per request.
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     @property
     def background_tasks(self) -> int:

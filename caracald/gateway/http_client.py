@@ -13,8 +13,8 @@ brotli answers decoded as they arrive (the encoding the client asked for in ``Ac
 not do: proxies, redirects (the gateway passes them back), cookies, HTTP/2, ``Expect: 100-continue``.
 
 Timeouts: ``connect`` to open a connection (a TLS handshake included): past it the provider counts as
-unreachable, nothing was sent; ``read`` for each wait for bytes of the answer; ``total`` for the whole call,
-headers and body.
+unreachable, nothing was sent; ``read`` for each wait for bytes of the answer; ``total`` for the whole call
+once it has a connection, headers and body.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: _Origin) -> None:
         self._pool = pool
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._counted = True  # holds one of the origin's places until it closes
@@ -151,8 +151,8 @@ class _Connection(asyncio.Protocol):
         self._decode = None
         self._head_only = head_only
         self._deadline = deadline
-        self._last_data = self._loop.time()
-        waiter = self._head_waiter = self._loop.create_future()
+        self._last_data = self.loop.time()
+        waiter = self._head_waiter = self.loop.create_future()
         self.transport.writelines((head, body) if body else (head,))
         self._arm()
         return waiter
@@ -164,8 +164,8 @@ class _Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return None
-            self._body_waiter = self._loop.create_future()
-            self._last_data = self._loop.time()  # the read timeout counts from the start of each wait
+            self._body_waiter = self.loop.create_future()
+            self._last_data = self.loop.time()  # the read timeout counts from the start of each wait
             self._arm()
             try:
                 await self._body_waiter
@@ -209,7 +209,7 @@ class _Connection(asyncio.Protocol):
     def _arm(self) -> None:
         """Make sure a timer watches the wait (one timer per wait, not per piece of data)."""
         if self._timer is None:
-            self._timer = self._loop.call_at(self._due(), self._check_time)
+            self._timer = self.loop.call_at(self._due(), self._check_time)
 
     def _due(self) -> float:
         return min(self._last_data + self._pool.read_timeout, self._deadline)
@@ -224,8 +224,8 @@ class _Connection(asyncio.Protocol):
         if self._head_waiter is None and self._body_waiter is None:
             return  # nobody waits: the next wait arms again
         due = self._due()
-        if self._loop.time() < due:
-            self._timer = self._loop.call_at(due, self._check_time)
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._check_time)
             return
         what = "for the whole call" if due >= self._deadline else "for the next bytes of the answer"
         self._fail(UpstreamTimeoutError(f"the provider did not answer in time ({what})"))
@@ -237,7 +237,7 @@ class _Connection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
 
     def data_received(self, data: bytes) -> None:
-        self._last_data = self._loop.time()
+        self._last_data = self.loop.time()
         parser = self._parser
         if parser is None or self._complete:
             # Bytes after the answer ended (or before a request): the connection cannot be trusted again.
@@ -354,16 +354,15 @@ class _Origin:
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def acquire(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
         while self.idle:
             connection = self.idle.pop()
             if connection.closed or connection.transport is None or connection.transport.is_closing():
                 continue
-            if now - connection.idle_since > self.client.keepalive:
+            if connection.loop.time() - connection.idle_since > self.client.keepalive:
                 connection.close()
                 continue
             return connection
+        loop = asyncio.get_running_loop()
         while self.open >= self.client.limit_per_origin:
             waiter = loop.create_future()
             self._waiters.append(waiter)
@@ -403,7 +402,7 @@ class _Origin:
         return connection
 
     def put_back(self, connection: _Connection) -> None:
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self.idle.append(connection)
         self._wake_one()
 
@@ -482,9 +481,8 @@ class UpstreamClient:
             lines.append(b"Content-Length: %d\r\n" % len(body))
         lines.append(b"Accept-Encoding: " + ACCEPT_ENCODING + b"\r\n\r\n")
         head = b"".join(lines)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.total_timeout
         connection = await origin.acquire()
+        deadline = connection.loop.time() + self.total_timeout
         try:
             return await connection.send(head, body, head_only=method == "HEAD", deadline=deadline)
         except BaseException:

@@ -19,9 +19,9 @@ The file is append-only JSON lines (``{"k": "settle", "r": <request id>, "p": <e
 ``{"k": "done", "r": ..., "of": "settle"}``) written with one ``write`` each: that survives the death of the
 process (the kernel holds the data), not of the machine (no ``fsync``: the bus's own spool is the durable
 store of events that could not be sent). An intent is written at once; resolutions made while an event loop
-runs are written together once it turns (or with the next intent, before it): one ``write`` per turn
-instead of one per charge, and a resolution lost to a kill in between only runs its charge again, which is
-harmless. A torn last line is skipped. When the file grows, it is rewritten
+runs wait to go out with the next intent (before it), or at most ``RESOLVE_WITHIN`` seconds: a busy
+gateway writes no line of its own for them, and a resolution lost to a kill in between only runs its charge
+again, which is harmless. A torn last line is skipped. When the file grows, it is rewritten
 with the unresolved intents only. One process owns a journal (an exclusive ``flock`` on ``<file>.lock``).
 """
 
@@ -51,6 +51,8 @@ Kind = Literal["reserve", "settle", "expire"]
 KINDS: Final = ("reserve", "settle", "expire")
 #: Rewrite the file (unresolved intents only) after this many lines.
 COMPACT_AFTER_LINES: Final = 100_000
+#: How long resolutions may wait for an intent to go out with.
+RESOLVE_WITHIN: Final = 0.05
 
 _encode: Final = msgspec.json.Encoder().encode
 
@@ -127,7 +129,7 @@ class ChargeJournal:
             self.flush()
             return
         self._flush_scheduled = True
-        loop.call_soon(self.flush)
+        loop.call_later(RESOLVE_WITHIN, self.flush)
 
     def flush(self) -> None:
         """Write the resolutions not written yet."""
