@@ -426,7 +426,8 @@ try:
 except PermissionError:
     pass
 import caracald.cli, caracal_ops.cli.main, caracald.gateway.server, caracald.consumers.ledger_writer
-import aiohttp, confluent_kafka, psycopg, redis, starlette, uvicorn, yaml
+import brotli, confluent_kafka, hiredis, httptools, psycopg, redis, starlette, uvicorn, yaml
+from caracald.gateway.http_client import UpstreamClient
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 key = Ed25519PrivateKey.generate()
 key.public_key().verify(key.sign(b"batch root"), b"batch root")
@@ -437,9 +438,15 @@ CMP = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_int), ctypes.POINTE
 values = (ctypes.c_int * 3)(3, 1, 2)
 libc.qsort(values, 3, ctypes.sizeof(ctypes.c_int), CMP(lambda a, b: a[0] - b[0]))
 assert list(values) == [1, 2, 3]
+assert brotli.decompress(brotli.compress(b"answer")) == b"answer"
+assert hiredis.pack_command(("PING",)) == b"*1\r\n$4\r\nPING\r\n"
+class Answer:
+    def on_body(self, body): self.body = body
+answer = Answer()
+httptools.HttpResponseParser(answer).feed_data(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+assert answer.body == b"ok"
 async def main():
-    async with aiohttp.ClientSession() as session:
-        pass
+    await UpstreamClient(connect_timeout=1, read_timeout=1, total_timeout=1).close()
 asyncio.run(main())
 print("ok")
 """
