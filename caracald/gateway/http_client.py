@@ -1,9 +1,10 @@
 """The HTTP/1.1 client of the provider calls: keep-alive connections per origin, answers parsed by httptools.
 
 The gateway used aiohttp's client first. Measured on one keep-alive connection to the fake provider (uvloop,
-one call at a time, the same request), aiohttp's took 0.33 ms per call at p50 and 200 us of CPU, this one
-0.20 ms and 48 us: the call is one ``writev`` of the request and a parser in C over what comes back, where
-aiohttp builds a request object, a URL, header dictionaries, timers and a task to write the body.
+one call at a time, the same request; ``bench/upstream_client_bench.py``), aiohttp's took 0.37 to 0.41 ms per
+call at p50 and 190 to 215 us of CPU, this one 0.26 to 0.29 ms and 97 to 111 us: a call is one ``writev`` of
+the request and a parser in C over what comes back, where aiohttp builds a request object, a URL, header
+dictionaries, timers and a task to write the body.
 
 What it does: HTTP/1.1 over TCP or TLS (the system's trust store, the host name verified); one request at a
 time per connection; idle connections kept per origin (scheme, host, port) for ``keepalive`` seconds, at most
