@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -88,7 +89,11 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (decoded)."""
-        return b"".join([chunk async for chunk in self.iter_chunks()])
+        connection = self._connection
+        parts = []
+        while (chunk := await connection.next_chunk()) is not None:
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (decoded)."""
@@ -426,6 +431,27 @@ class _Origin:
             self.idle.pop().close()
 
 
+@functools.lru_cache(maxsize=4096)
+def _split(url: str) -> tuple[tuple[str, str, int], str, str]:
+    """The origin (scheme, host, port), the ``Host`` header and the request target of ``url`` (remembered:
+    a gateway calls the same few URLs again and again)."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS[scheme]
+    except (KeyError, ValueError):
+        port = 0
+    if not port or not parts.hostname:
+        raise UpstreamUnreachableError(f"cannot call {url!r}: an http or https URL with a host is needed")
+    host = parts.netloc.rpartition("@")[2]
+    if parts.port == _DEFAULT_PORTS[scheme]:
+        host = host.rpartition(":")[0]
+    target = parts.path or "/"
+    if parts.query:
+        target = f"{target}?{parts.query}"
+    return (scheme, parts.hostname, port), host, target
+
+
 class UpstreamClient:
     """Keep-alive HTTP/1.1 calls to the providers (see the module's docstring)."""
 
@@ -458,23 +484,10 @@ class UpstreamClient:
         ``url`` is absolute and already encoded; ``headers`` go out as given, after ``Host`` and before the
         ``Content-Length`` and ``Accept-Encoding`` this client sets (the caller leaves those out).
         """
-        parts = urlsplit(url)
-        scheme = parts.scheme.lower()
-        try:
-            port = parts.port or _DEFAULT_PORTS[scheme]
-        except (KeyError, ValueError):
-            port = 0
-        if not port or not parts.hostname:
-            raise UpstreamUnreachableError(f"cannot call {url!r}: an http or https URL with a host is needed")
-        origin = self._origins.get((scheme, parts.hostname, port))
+        key, host, target = _split(url)
+        origin = self._origins.get(key)
         if origin is None:
-            origin = self._origins[scheme, parts.hostname, port] = _Origin(self, scheme, parts.hostname, port)
-        host = parts.netloc.rpartition("@")[2]
-        if parts.port == _DEFAULT_PORTS[scheme]:
-            host = host.rpartition(":")[0]
-        target = parts.path or "/"
-        if parts.query:
-            target = f"{target}?{parts.query}"
+            origin = self._origins[key] = _Origin(self, *key)
         lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n".encode("latin-1")]
         for name, value in headers:
             lines += (name, b": ", value, b"\r\n")
