@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Send
 from starlette.types import Scope as AsgiScope
@@ -53,6 +53,7 @@ from caracald.gateway.pricing import (
     unclamped_tokens,
 )
 from caracald.gateway.relay import Relay, RelayOutcome
+from caracald.gateway.request_ids import new_request_id
 from caracald.gateway.routing import TARGET_HEADER, Target, resolve_generic, resolve_named, route_flavor
 from caracald.gateway.streaming import StreamMeter
 from caracald.gateway.switches import DenyAllSwitch
@@ -117,15 +118,22 @@ async def read_body(request: Request, limit: int) -> bytes:
             if value.isdigit() and int(value) > limit:
                 raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
             break
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
+    # Straight from the server's messages (Starlette's stream adds a generator and checks per chunk).
+    receive = request.receive
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise Denied(400, "client_disconnected", "the client went away while sending the request")
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
                 raise Denied(413, "body_too_large", f"the request body exceeds {limit} bytes")
-    except ClientDisconnect:
-        raise Denied(400, "client_disconnected", "the client went away while sending the request") from None
-    return bytes(body)
+            parts.append(chunk)
+        if not message.get("more_body", False):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 class Gateway:
@@ -157,7 +165,7 @@ class Gateway:
 
     async def handle(self, request: Request, route: str) -> ASGIApp:
         call = _Call(
-            uuid.uuid4(), route, route_flavor(self.config, _raw_path(request.scope)), time.perf_counter()
+            new_request_id(), route, route_flavor(self.config, _raw_path(request.scope)), time.perf_counter()
         )
         try:
             return await self._handle(request, call)
@@ -221,7 +229,7 @@ class Gateway:
             # Near the limit: clamp the output limit to what is left and try once more, under a new request
             # id (the counters remember the first id's refusal).
             assert plan is not None
-            call.request_id = uuid.uuid4()
+            call.request_id = new_request_id()
             priced = await self._clamped(plan, scopes)
             hold = await self.billing.admit(call.request_id, agent, scopes, priced, target.resource)
         call.hold = hold
