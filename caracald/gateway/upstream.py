@@ -17,34 +17,8 @@ from typing import Final
 from caracald.gateway.http_client import Header, UpstreamClient, UpstreamResponse
 from caracald.runtime.config import GatewayConfig, UpstreamConfig
 
-_REQUEST_DROP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"accept-encoding",
-        b"expect",
-        b"authorization",
-        b"x-api-key",
-        b"cookie",
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-proto",
-        b"x-forwarded-port",
-        b"x-real-ip",
-    }
-)
-_RESPONSE_DROP: Final = frozenset(
+#: Hop-by-hop headers (RFC 9110 7.6.1, and the older ones still seen): each connection has its own.
+_HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -55,10 +29,28 @@ _RESPONSE_DROP: Final = frozenset(
         b"trailers",
         b"transfer-encoding",
         b"upgrade",
-        b"set-cookie",
-        b"content-length",  # the gateway frames what it sends back itself
     }
 )
+_REQUEST_DROP: Final = _HOP_BY_HOP | {
+    b"proxy-authorization",
+    b"host",
+    b"content-length",
+    b"accept-encoding",  # the client asks for what it decodes
+    b"expect",
+    b"authorization",  # the agent's Caracal key (or the provider's own, injected below)
+    b"x-api-key",
+    b"cookie",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+    b"x-forwarded-port",
+    b"x-real-ip",
+}
+_RESPONSE_DROP: Final = _HOP_BY_HOP | {
+    b"set-cookie",
+    b"content-length",  # the gateway frames what it sends back itself
+}
 #: Dropped too from an answer the client decoded: it described the encoded bytes.
 _DECODED_DROP: Final = _RESPONSE_DROP | {b"content-encoding"}
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -529,6 +529,25 @@ class FlakySink(MemorySink):
         await super().emit(event)
 
 
+def _priced_calls(
+    gateway: GatewayHarness, agent: AgentKey
+) -> tuple[Callable[[], Decimal], Callable[[int], httpx.Response]]:
+    """What the agent's budget holds now (settled and held), and a call at $0.25 on the priced route."""
+    assert gateway.state is not None
+    scopes = gateway.state.cache.current().scopes(uuid.UUID(agent.agent_id))
+
+    def spent() -> Decimal:
+        (status,) = gateway.run(gateway.budget.status(scopes, datetime.now(UTC)))
+        return status.settled.amount + status.held.amount
+
+    def call(i: int) -> httpx.Response:
+        return httpx.get(
+            f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
+        )
+
+    return spent, call
+
+
 def test_without_a_journal_an_undeliverable_reservation_event_is_503_then_nothing_goes_out_unrecorded(
     database_url: str, cli: Cli
 ) -> None:
@@ -537,17 +556,7 @@ def test_without_a_journal_an_undeliverable_reservation_event_is_503_then_nothin
     with GatewayHarness(database_url, sink=sink, journal=False) as gateway:
         agent = make_agent(cli, "agent-one", limit="5.00")
         gateway.refresh()
-        assert gateway.state is not None
-        scopes = gateway.state.cache.current().scopes(uuid.UUID(agent.agent_id))
-
-        def spent() -> Decimal:
-            (status,) = gateway.run(gateway.budget.status(scopes, datetime.now(UTC)))
-            return status.settled.amount + status.held.amount
-
-        def call(i: int) -> httpx.Response:
-            return httpx.get(
-                f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
-            )
+        spent, call = _priced_calls(gateway, agent)
 
         assert call(1).status_code == 200
         gateway.settled()
@@ -586,16 +595,7 @@ def test_with_a_journal_the_answer_does_not_wait_for_the_sink_and_the_events_fol
         gateway.refresh()
         assert gateway.state is not None
         billing = gateway.state.billing
-        scopes = gateway.state.cache.current().scopes(uuid.UUID(agent.agent_id))
-
-        def spent() -> Decimal:
-            (status,) = gateway.run(gateway.budget.status(scopes, datetime.now(UTC)))
-            return status.settled.amount + status.held.amount
-
-        def call(i: int) -> httpx.Response:
-            return httpx.get(
-                f"{gateway.url}/u/search/priced/{i}", headers={"x-api-key": agent.api_key}, timeout=30
-            )
+        spent, call = _priced_calls(gateway, agent)
 
         # Healthy: the reservation event goes out once the provider has answered, before the settlement.
         assert call(0).status_code == 200
