@@ -452,3 +452,30 @@ async def test_tls_with_a_trusted_certificate_and_not_with_an_unknown_one(
         UpstreamUnreachableError, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"
     ):
         await client.request("GET", server.url(scheme="https"), [])
+
+
+async def test_a_caller_cancelled_while_waiting_for_its_turn_does_not_keep_it(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    server = await serve(answer(b"ok"))
+    single = UpstreamClient(connect_timeout=2, read_timeout=5, total_timeout=10, limit_per_origin=1)
+    try:
+
+        async def call() -> bytes:
+            response = await single.request("GET", server.url(), [])
+            try:
+                return await response.read()
+            finally:
+                response.release()
+
+        first = await single.request("GET", server.url(), [])  # the one place this origin has
+        impatient = asyncio.ensure_future(call())
+        patient = asyncio.ensure_future(call())
+        await asyncio.sleep(0.05)  # both wait their turn, the impatient one first
+        assert await first.read() == b"ok"
+        first.release()  # the impatient caller's turn comes...
+        impatient.cancel()  # ...as it is cancelled, before it could take it: the turn must pass on
+        assert await asyncio.wait_for(patient, 2) == b"ok"
+        assert server.connections == 1
+    finally:
+        await single.close()
