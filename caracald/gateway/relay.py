@@ -3,9 +3,10 @@
 With a :class:`~caracald.gateway.streaming.StreamMeter` the body is an SSE stream relayed event by event;
 when the stream's cost bound passes its hold, Caracal sends a final error event in the provider's shape and
 closes the upstream connection, so the provider stops generating. Without a meter the bytes pass through as
-they come. A watcher on the client's side notices a disconnect even while no byte is being written; the
-upstream is then closed at once. Whatever happens, ``on_end`` runs exactly once with what was relayed, in a
-task of its own (a cancelled request still gets settled).
+they come (and an upstream that breaks off leaves the answer unfinished: the server drops the connection, so
+the client cannot take a part for the whole). A watcher on the client's side notices a disconnect even while
+no byte is being written; the upstream is then closed at once. Whatever happens, ``on_end`` runs exactly once
+with what was relayed, in a task of its own (a cancelled request still gets settled).
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ class Relay:
         except UpstreamError as exc:
             outcome.upstream_error = f"{type(exc).__name__}: {exc}"
             log.warning("upstream stream failed: %s", outcome.upstream_error)
-            if self.meter is not None:
-                await self._cut(send, outcome, 502, "upstream_failed", "the provider's stream broke off")
+            if self.meter is None:
+                # Bytes passed through as they came: the client must see the answer broken off too, not a
+                # complete one. Left unfinished, the server drops the connection without its last chunk.
+                return
+            await self._cut(send, outcome, 502, "upstream_failed", "the provider's stream broke off")
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -757,6 +757,7 @@ def test_a_provider_that_fails_is_answered_in_its_kind_and_charged_only_if_it_ma
     upstreams = {
         "dead": UpstreamConfig(base_url=f"http://127.0.0.1:{free_port()}/search-api"),
         "bad": UpstreamConfig(base_url=f"http://127.0.0.1:{bad_port}", api_key="sk-bad", flavor="openai"),
+        "bad-generic": UpstreamConfig(base_url=f"http://127.0.0.1:{bad_port}/search-api"),
     }
     with GatewayHarness(database_url, upstreams=upstreams, upstream_timeout_seconds=1) as gateway:
         agent = make_agent(cli, "agent-one", limit="5.00")
@@ -795,6 +796,15 @@ def test_a_provider_that_fails_is_answered_in_its_kind_and_charged_only_if_it_ma
             assert_denied(broken, 502, "upstream_failed")
             (*_, (cost, hold)) = charged()
             assert cost == hold > 0
-            assert len(charged()) == 3
+            # Passed through as it came, an answer that breaks off breaks off for the client too (it must not
+            # look complete); charged at the hold.
+            with pytest.raises(httpx.RemoteProtocolError):
+                httpx.get(
+                    f"{gateway.url}/u/bad-generic/priced/1",
+                    headers={"x-api-key": agent.api_key, "X-Misbehave": "break"},
+                    timeout=30,
+                )
+            assert charged()[-1] == (Decimal("0.25"), Decimal("0.25"))
+            assert len(charged()) == 4
         finally:
             server.close()
