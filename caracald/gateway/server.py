@@ -55,7 +55,7 @@ SEED_SPAN = timedelta(days=32)
 REDIS_CONNECTIONS = 256
 REDIS_POOL_TIMEOUT_SECONDS = 10.0
 
-#: The subfolder of ``bus.spool_dir`` where the unbatched Kafka producer spools (see SplitSink).
+#: The subfolder of ``bus.spool_dir`` where earlier versions' unbatched Kafka producer spooled.
 PROMPT_SPOOL = "prompt"
 #: The write-ahead journal of charges, in ``bus.spool_dir``.
 JOURNAL_FILE = "charges.journal"
@@ -114,22 +114,22 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         from caracald.bus.base import ProducerSink
         from caracald.bus.kafka import KafkaProducer, client_config
 
-        # Two producers (see SplitSink): the bus's batching one, and one without linger for the reservations
-        # of a quiet gateway, each with its own spool (the prompt one in a subfolder); their deliveries
-        # reach the event loop in batches (LoopDelivery).
         batched: Any = LoopDelivery(KafkaProducer(client_config(config.kafka)))
-        prompt: Any = LoopDelivery(KafkaProducer(client_config(config.kafka, **{"linger.ms": 0})))
         if config.bus.spool_dir is not None:
-            from caracald.bus.spool import Spool, SpoolingSink
+            from caracald.bus.spool import SUFFIX, Spool, SpoolingSink
 
             # With a spool folder the gateway journals its reservations (see ``serve``) and no request waits
-            # for their acknowledgement: every event is batched. The prompt producer only forwards what an
-            # earlier run left in its spool.
-            return SplitSink(
-                SpoolingSink(prompt, Spool(config.bus.spool_dir / PROMPT_SPOOL)),
-                SpoolingSink(batched, Spool(config.bus.spool_dir)),
-                quiet_below=0,
-            )
+            # for their acknowledgement: one batching producer, through the spool. Its deliveries reach the
+            # event loop in batches (LoopDelivery).
+            sink = SpoolingSink(batched, Spool(config.bus.spool_dir))
+            leftover = config.bus.spool_dir / PROMPT_SPOOL
+            if leftover.is_dir() and any(leftover.glob(f"*{SUFFIX}")):
+                # What an earlier version's unbatched producer left in its spool is forwarded too.
+                return SplitSink(SpoolingSink(batched, Spool(leftover)), sink, quiet_below=0)
+            return sink
+        # Without one, requests wait for their reservation events (see SplitSink): a producer without linger
+        # for those of a quiet gateway, the batching one for everything else.
+        prompt: Any = LoopDelivery(KafkaProducer(client_config(config.kafka, **{"linger.ms": 0})))
         return SplitSink(ProducerSink(prompt), ProducerSink(batched))
     # The event log in PostgreSQL: the ledger writer applies the events (caracald up runs it in process).
     from caracald.bus.base import ProducerSink

@@ -7,13 +7,17 @@ import threading
 import uuid
 from concurrent.futures import Future
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from caracald.bus.base import DeliveryError
+from caracald.bus.spool import Spool, SpoolingSink, spooled
 from caracald.core.events import MeteringEvent
 from caracald.core.ledger import LedgerEventType
 from caracald.core.money import Money
+from caracald.gateway.server import PROMPT_SPOOL, make_sink
 from caracald.gateway.sinks import LoopDelivery, MemorySink, SplitSink
+from caracald.runtime.config import CaracalConfig
 
 
 def event(kind: LedgerEventType) -> MeteringEvent:
@@ -162,3 +166,34 @@ def test_loop_delivery_finds_what_it_needs_in_the_bus_producer() -> None:
         assert callable(getattr(KafkaProducer, "_delivered", None))
     finally:
         producer.close(timeout=1.0)
+
+
+def _kafka_sink(spool_dir: Path) -> Any:
+    config = CaracalConfig.model_validate(
+        {"bus": {"kind": "kafka", "spool_dir": str(spool_dir)}, "kafka": {"bootstrap_servers": "127.0.0.1:9"}}
+    )
+    db: Any = None  # the Kafka sink needs no database
+    return make_sink(config, db)
+
+
+def test_with_a_spool_folder_one_batching_producer_carries_every_event(tmp_path: Path) -> None:
+    sink = _kafka_sink(tmp_path)
+    try:
+        assert isinstance(sink, SpoolingSink)  # no second, unbatched producer: nobody waits for the bus
+        assert sink.spool.directory == tmp_path
+    finally:
+        sink.close()
+
+
+def test_what_an_earlier_unbatched_producer_spooled_is_still_forwarded(tmp_path: Path) -> None:
+    leftover = Spool(tmp_path / PROMPT_SPOOL)
+    leftover.append([spooled("caracal.metering.events", b"{}", b"agent", [])])
+    leftover.close()
+    sink = _kafka_sink(tmp_path)
+    try:
+        assert isinstance(sink, SplitSink)
+        spools = {s.spool.directory for s in (sink.prompt, sink.batched)}  # type: ignore[attr-defined]
+        assert spools == {tmp_path, tmp_path / PROMPT_SPOOL}
+        assert sink.spooled_bytes and sink.spooled_bytes > 0
+    finally:
+        sink.close()
