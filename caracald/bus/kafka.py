@@ -122,6 +122,8 @@ class KafkaProducer:
             "message.timeout.ms": int(delivery_timeout * 1000),
         }
         self._producer = Producer(settings)
+        #: How long records gather before a batch goes out (librdkafka's ``linger.ms``).
+        self.linger_ms: float = float(settings["linger.ms"])
         self._queue_full_timeout = queue_full_timeout
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, name="caracal-kafka-delivery", daemon=True)

@@ -114,13 +114,14 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
         from caracald.bus.base import ProducerSink
         from caracald.bus.kafka import KafkaProducer, client_config
 
-        batched: Any = LoopDelivery(KafkaProducer(client_config(config.kafka)))
         if config.bus.spool_dir is not None:
             from caracald.bus.spool import SUFFIX, Spool, SpoolingSink
 
             # With a spool folder the gateway journals its reservations (see ``serve``) and no request waits
-            # for their acknowledgement: one batching producer, through the spool. Its deliveries reach the
-            # event loop in batches (LoopDelivery).
+            # for their acknowledgement: one producer, through the spool, batching for as long as the config
+            # allows. Its deliveries reach the event loop in batches (LoopDelivery).
+            linger = {"linger.ms": config.kafka.gateway_linger_ms}
+            batched: Any = LoopDelivery(KafkaProducer(client_config(config.kafka, **linger)))
             sink = SpoolingSink(batched, Spool(config.bus.spool_dir))
             leftover = config.bus.spool_dir / PROMPT_SPOOL
             if leftover.is_dir() and any(leftover.glob(f"*{SUFFIX}")):
@@ -129,6 +130,7 @@ def make_sink(config: CaracalConfig, db: Database) -> EventSink:
             return sink
         # Without one, requests wait for their reservation events (see SplitSink): a producer without linger
         # for those of a quiet gateway, the batching one for everything else.
+        batched = LoopDelivery(KafkaProducer(client_config(config.kafka)))
         prompt: Any = LoopDelivery(KafkaProducer(client_config(config.kafka, **{"linger.ms": 0})))
         return SplitSink(ProducerSink(prompt), ProducerSink(batched))
     # The event log in PostgreSQL: the ledger writer applies the events (caracald up runs it in process).

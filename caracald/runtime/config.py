@@ -78,6 +78,10 @@ class KafkaConfig(_Section):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     sasl_password_file: Path | None = None
+    #: How long a gateway with a charge journal (``bus.spool_dir``) lets its events gather before they go to
+    #: Kafka together. The journal already holds them, so no request waits for this: a longer wait only
+    #: delays the ledger, and spares the gateway's core the wake-ups of many small batches.
+    gateway_linger_ms: int = Field(default=100, ge=0, le=5_000)
 
 
 class RedisConfig(_Section):

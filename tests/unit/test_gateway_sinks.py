@@ -10,6 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
 from caracald.bus.base import DeliveryError
 from caracald.bus.spool import Spool, SpoolingSink, spooled
 from caracald.core.events import MeteringEvent
@@ -168,9 +171,12 @@ def test_loop_delivery_finds_what_it_needs_in_the_bus_producer() -> None:
         producer.close(timeout=1.0)
 
 
-def _kafka_sink(spool_dir: Path) -> Any:
+def _kafka_sink(spool_dir: Path, **kafka: Any) -> Any:
     config = CaracalConfig.model_validate(
-        {"bus": {"kind": "kafka", "spool_dir": str(spool_dir)}, "kafka": {"bootstrap_servers": "127.0.0.1:9"}}
+        {
+            "bus": {"kind": "kafka", "spool_dir": str(spool_dir)},
+            "kafka": {"bootstrap_servers": "127.0.0.1:9", **kafka},
+        }
     )
     db: Any = None  # the Kafka sink needs no database
     return make_sink(config, db)
@@ -181,8 +187,20 @@ def test_with_a_spool_folder_one_batching_producer_carries_every_event(tmp_path:
     try:
         assert isinstance(sink, SpoolingSink)  # no second, unbatched producer: nobody waits for the bus
         assert sink.spool.directory == tmp_path
+        # Nobody waits for it, so it gathers events for as long as the operator lets it (100 ms by default).
+        assert sink.producer.producer.linger_ms == 100
     finally:
         sink.close()
+
+
+def test_the_journalled_producer_lingers_as_configured(tmp_path: Path) -> None:
+    sink = _kafka_sink(tmp_path, gateway_linger_ms=0)
+    try:
+        assert sink.producer.producer.linger_ms == 0
+    finally:
+        sink.close()
+    with pytest.raises(ValidationError, match="gateway_linger_ms"):
+        _kafka_sink(tmp_path, gateway_linger_ms=-1)
 
 
 def test_what_an_earlier_unbatched_producer_spooled_is_still_forwarded(tmp_path: Path) -> None:
