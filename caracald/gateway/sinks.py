@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
@@ -156,15 +157,12 @@ class LoopDelivery:
         self._done: collections.deque[tuple[asyncio.Future[None], Any]] = collections.deque()
         self._wakeup_pending = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     def send(self, topic: str, value: bytes, *, key: bytes | None = None, headers: Any = ()) -> Any:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = self._sending_loop()
         if loop is None or self._kafka is None or self._closed is None or self._closed.is_set():
             return self.producer.send(topic, value, key=key, headers=headers)
-        self._loop = loop
         future: asyncio.Future[None] = loop.create_future()
         callback = functools.partial(self._delivered, future)
         try:
@@ -175,6 +173,21 @@ class LoopDelivery:
         except Exception:
             return self.producer.send(topic, value, key=key, headers=headers)  # raises the bus's error
         return future
+
+    def _sending_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop running in this thread, if any.
+
+        Remembered, and checked by thread: asking asyncio costs a ``getpid()`` system call each time.
+        """
+        loop = self._loop
+        if loop is not None and self._loop_thread == threading.get_ident() and loop.is_running():
+            return loop
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        self._loop, self._loop_thread = loop, threading.get_ident()
+        return loop
 
     def _delivered(self, future: asyncio.Future[None], error: Any, message: Any) -> None:
         """On the delivery thread (or whoever polls): queue the outcome, wake the loop once."""
