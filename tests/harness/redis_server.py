@@ -8,7 +8,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from tests.harness import (
     ServiceControlError,
@@ -50,6 +50,9 @@ class RedisService:
     ``url`` is ``redis://127.0.0.1:PORT/0``. A managed service (``managed``) can be stopped,
     killed and restarted on the same port; an external one (from ``CARACAL_TEST_REDIS_URL``) only
     offers ``url``, ``host`` and ``port``.
+
+    With ``tls`` (a certificate and its key, see :func:`tests.harness.tls.self_signed`) a managed server
+    also listens with TLS on ``tls_port``; ``tls_url`` is a ``rediss://`` URL that trusts that certificate.
     """
 
     def __init__(
@@ -59,8 +62,11 @@ class RedisService:
         port: int | None = None,
         url: str | None = None,
         persistent: bool = False,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.managed = url is None
+        self.tls = tls
+        self.tls_port = free_port(host) if tls is not None and url is None else None
         # persistent: an append-only file (fsync every second), so a restart keeps the data, as in production.
         self.persistent = persistent
         if url is not None:
@@ -83,6 +89,13 @@ class RedisService:
 
     def __repr__(self) -> str:
         return f"RedisService(url={self.url!r}, managed={self.managed}, running={self.is_running})"
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss://127.0.0.1:TLS_PORT/0``, trusting the server's certificate."""
+        if self.tls is None or self.tls_port is None:
+            raise ServiceControlError("this Redis does not listen with TLS")
+        return f"rediss://{self.host}:{self.tls_port}/0?ssl_ca_certs={quote(str(self.tls[0]))}"
 
     @property
     def log_path(self) -> Path | None:
@@ -124,6 +137,8 @@ class RedisService:
                     if first_start and attempt < _START_ATTEMPTS and "Address already in use" in str(exc):
                         self.port = free_port(self.host)
                         self.url = f"redis://{self.host}:{self.port}/0"
+                        if self.tls is not None:
+                            self.tls_port = free_port(self.host)
                         continue
                     raise
         return self
@@ -152,6 +167,17 @@ class RedisService:
             "--protected-mode",
             "no",
         ]
+        if self.tls is not None:
+            cert, key = self.tls
+            argv += [
+                "--tls-port",
+                str(self.tls_port),
+                "--tls-cert-file",
+                str(cert),
+                "--tls-key-file",
+                str(key),
+            ]
+            argv += ["--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
         with self.log_path.open("ab") as out:
             out.write(f"--- starting {' '.join(argv)}\n".encode())
             out.flush()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -30,6 +30,7 @@ from caracald.core.errors import ConflictError, CurrencyMismatchError, NotFoundE
 from caracald.core.money import Money
 from caracald.core.windows import TimeWindow, WindowSpec, WindowType, nominal_length
 from tests.harness.redis_server import RedisService
+from tests.harness.tls import self_signed
 
 pytestmark = pytest.mark.integration
 
@@ -743,4 +744,53 @@ async def test_a_server_that_stops_answering_fails_the_call_in_time_then_serves_
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")
         await admin.aclose()
+        await budget.close()
+
+
+# -- TLS ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisService]:
+    """A Redis of its own that also listens with TLS, on a self-signed certificate."""
+    service = RedisService(tls=self_signed(tmp_path_factory.mktemp("redis-tls"))).start()
+    yield service
+    service.close()
+
+
+async def test_admission_and_settlement_over_tls(tls_redis: RedisService) -> None:
+    budget = RedisBudget.from_url(tls_redis.tls_url, namespace=f"test-{uuid.uuid4().hex[:12]}")
+    s = scope("1.00")
+    try:
+        first, second = request((s,), "0.60"), request((s,), "0.60")
+        assert (await budget.admit(first)).admitted
+        assert not (await budget.admit(second)).admitted  # the counters are read over TLS too
+        assert (await budget.settle(first.request_id, usd("0.25"), now())).charged == usd("0.25")
+        assert await used(budget, s) == (usd("0.25"), usd("0"), 0)
+        # The request path's own connection (pipelined, read by hiredis) took the TLS session over from
+        # redis-py: it is the one that answered, not a fallback.
+        link = budget._batcher._link if budget._batcher is not None else None
+        assert link is not None and link.usable
+        # Dropped, it is opened again with TLS and the call sent again.
+        admin = Redis.from_url(tls_redis.url, decode_responses=True)
+        try:
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        finally:
+            await admin.aclose()
+        third = request((s,), "0.70")
+        assert (await budget.admit(third)).admitted
+        assert await used(budget, s) == (usd("0.25"), usd("0.70"), 1)
+    finally:
+        await budget.close()
+
+
+async def test_a_redis_whose_certificate_is_not_trusted_admits_nothing(tls_redis: RedisService) -> None:
+    untrusting = tls_redis.tls_url.split("?", 1)[0]  # the system's authorities only: not this certificate
+    budget = RedisBudget.from_url(untrusting, namespace=f"test-{uuid.uuid4().hex[:12]}")
+    try:
+        with pytest.raises(
+            BudgetUnavailableError, match=r"certificate verify failed|CERTIFICATE_VERIFY_FAILED"
+        ):
+            await budget.admit(request((scope("1.00"),), "0.10"))
+    finally:
         await budget.close()
