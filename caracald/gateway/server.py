@@ -1,7 +1,8 @@
 """Running the gateway from the configuration: the store, the budget backend, the event sink, uvicorn.
 
 * Budget: ``budget.backend: local`` runs the in-process counters, seeded at start from the ledger's charges
-  of the last 32 days (every calendar or rolling window is shorter), so a restart does not forget spend;
+  of the last 32 days (every calendar or rolling window is shorter), so a restart does not forget spend, and
+  from the holds an earlier run left open, charged at their amount (see :func:`unclosed_holds`);
   ``redis`` shares them with every replica (``redis.url``).
 * Events: with ``bus.kind: kafka`` they go to Kafka, otherwise to the event log in PostgreSQL, through the
   local spool when ``bus.spool_dir`` is set; the ledger writer applies them (``caracald up`` runs it, and the
@@ -22,17 +23,21 @@ import importlib.util
 import logging
 import ssl
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import uvicorn
 
-from caracald.budget.base import BudgetBackend
+from caracald.budget.base import BudgetBackend, ExpiredHold
 from caracald.core.budget import spend_slot
+from caracald.core.events import METERING_TOPIC
 from caracald.core.money import Money
 from caracald.gateway.app import GatewayDeps, create_app
+from caracald.gateway.billing import expiry_event
 from caracald.gateway.cache import PostgresSnapshotSource
 from caracald.gateway.counters import CounterGuard
 from caracald.gateway.journal import ChargeJournal
@@ -40,6 +45,7 @@ from caracald.gateway.sinks import EventSink, LoopDelivery, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.sdnotify import Notifier, Watchdog
+from caracald.store import spend as spend_store
 from caracald.store.connect import daemon_pool_sizes, open_database
 from caracald.store.database import Database
 from caracald.store.gateway import charged_since, load_snapshot
@@ -61,25 +67,91 @@ PROMPT_SPOOL = "prompt"
 JOURNAL_FILE = "charges.journal"
 
 
-def ledger_totals(db: Database, now: datetime) -> dict[tuple[uuid.UUID, str], Money]:
-    """Settled spend per (policy, spend slot), from the ledger, for the policies in force now."""
+def ledger_totals(
+    db: Database, now: datetime, charging: Sequence[ExpiredHold] = ()
+) -> dict[tuple[uuid.UUID, str], Money]:
+    """Settled spend per (policy, spend slot), from the ledger, for the policies in force now; the holds in
+    ``charging`` count as charged at their amount (their expiry is on its way to the ledger)."""
     with db.read() as conn:
         snapshot = load_snapshot(conn)
         events = charged_since(conn, now - SEED_SPAN)
     windows = {p.policy_id: p.terms.window for p in snapshot.policies}
+    charges = [(e.policy_ids, e.occurred_at, Money(e.cost, e.currency)) for e in events]
+    charges += [(h.policy_ids, h.reserved_at, h.amount) for h in charging]
     totals: dict[tuple[uuid.UUID, str], Money] = {}
-    for event in events:
-        for policy_id in event.policy_ids:
+    for policy_ids, occurred_at, amount in charges:
+        for policy_id in policy_ids:
             spec = windows.get(policy_id)
             if spec is None:
                 continue
-            key = (policy_id, spend_slot(spec, event.occurred_at))
-            amount = Money(event.cost, event.currency)
+            key = (policy_id, spend_slot(spec, occurred_at))
             totals[key] = totals[key] + amount if key in totals else amount
     return totals
 
 
-async def make_budget(config: CaracalConfig, db: Database, stack: AsyncExitStack) -> BudgetBackend:
+def unclosed_holds(db: Database, now: datetime) -> list[ExpiredHold]:
+    """The holds the ledger shows reserved (in the seeded span) and neither settled nor expired.
+
+    With in-process counters, only this process holds anything: what it finds at start, a previous run
+    left open when it stopped (``kill -9``, a crash, a lost machine) with the call possibly made. Such a
+    hold is charged at its amount, as an expired one is: the counters count it, and its expiry event goes
+    to the ledger (a settlement that still arrives corrects it, as for any expiry).
+    """
+    with db.read() as conn:
+        rows = spend_store.unclosed_reservations(conn, now - SEED_SPAN)
+    return [
+        ExpiredHold(
+            request_id=row["request_id"],
+            agent_id=row["agent_id"],
+            amount=Money(Decimal(row["hold"]), row["currency"].strip()),
+            policy_ids=tuple(uuid.UUID(p) for p in row["policy_ids"]),
+            reserved_at=row["occurred_at"],
+        )
+        for row in rows
+    ]
+
+
+def _ledger_caught_up(db: Database) -> bool:
+    """Whether the ledger writer has applied every event on the PostgreSQL event log: then the ledger shows
+    every settlement and expiry an earlier run sent."""
+    from caracald.bus import pg_log
+    from caracald.consumers.ledger_writer import GROUP
+
+    with db.read() as conn:
+        end = pg_log.end_offset(conn, METERING_TOPIC)
+        return pg_log.committed_offsets(conn, GROUP).get((METERING_TOPIC, 0), 0) >= end
+
+
+async def _left_open(config: CaracalConfig, db: Database, now: datetime) -> list[ExpiredHold]:
+    """The holds an earlier run of an in-process budget left open (see :func:`unclosed_holds`), looked for
+    only when the ledger is known to show everything that run sent: a settlement still on its way would
+    otherwise be charged twice."""
+    if config.bus.kind != "postgres":
+        return []  # Kafka's backlog is not read here: such holds stay open in the ledger
+    if not await asyncio.to_thread(_ledger_caught_up, db):
+        log.warning(
+            "the ledger writer has not applied every event yet: holds left open are looked for next start"
+        )
+        return []
+    return await asyncio.to_thread(unclosed_holds, db, now)
+
+
+async def _expire_left_open(holds: Sequence[ExpiredHold], sink: EventSink, now: datetime) -> None:
+    log.warning(
+        "%d hold(s) left open by an earlier run (stopped before settling them): charged at their amount",
+        len(holds),
+    )
+    for hold in holds:
+        event = expiry_event(hold, now)
+        try:
+            await sink.emit(replace(event, extra={**event.extra, "left_open": True}))
+        except Exception as exc:  # counted anyway; still open in the ledger, found again next start
+            log.error("expiry of %s not recorded: %s", hold.request_id, exc)
+
+
+async def make_budget(
+    config: CaracalConfig, db: Database, stack: AsyncExitStack, sink: EventSink
+) -> BudgetBackend:
     if config.budget.backend == "redis":
         from caracald.budget.redis_backend import RedisBudget
 
@@ -103,9 +175,13 @@ async def make_budget(config: CaracalConfig, db: Database, stack: AsyncExitStack
     from caracald.budget.local_backend import LocalBudget
 
     local = LocalBudget()
-    totals = await asyncio.to_thread(ledger_totals, db, datetime.now(UTC))
+    now = datetime.now(UTC)
+    left_open = await _left_open(config, db, now)
+    totals = await asyncio.to_thread(ledger_totals, db, now, left_open)
     await local.seed(totals)
     log.info("in-process budget counters seeded from %d ledger slot(s)", len(totals))
+    if left_open:
+        await _expire_left_open(left_open, sink, now)
     return local
 
 
@@ -178,7 +254,6 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
         if db is None:
             db = await asyncio.to_thread(open_database, config, sizes=daemon_pool_sizes(config))
             stack.callback(db.close)
-        budget = await make_budget(config, db, stack)
         sink = make_sink(config, db)
         closer = getattr(sink, "close", None)
         if closer is not None:
@@ -189,6 +264,7 @@ async def serve(config: CaracalConfig, *, db: Database | None = None) -> None:
         start = getattr(sink, "start", None)
         if start is not None and asyncio.iscoroutinefunction(start):
             await start()
+        budget = await make_budget(config, db, stack, sink)
         switches: list[SwitchSource] = [PostgresSwitch(db)]
         if config.redis.url is not None:
             redis_switch = RedisSwitch(config.redis.url.get_secret_value())

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from psycopg.rows import tuple_row
 
@@ -103,6 +104,33 @@ def open_reservations(
         },
     ).fetchone()
     return (Decimal(row["held"]), int(row["holds"])) if row else (Decimal(0), 0)
+
+
+def unclosed_reservations(conn: Connection, since: datetime) -> list[dict[str, Any]]:
+    """Reservations since ``since`` that no settlement or expiry closed, oldest first: ``request_id``,
+    ``agent_id``, ``occurred_at``, ``currency``, ``hold`` (Decimal) and ``policy_ids`` (a list of strings).
+
+    Every event of a request carries its agent and its admission instant, so what closed a reservation is
+    found through the (agent, time) index.
+    """
+    return conn.execute(
+        """
+        SELECT r.request_id, r.agent_id, r.occurred_at, r.currency, (r.metadata->>'hold')::numeric AS hold,
+               COALESCE(r.metadata->'policy_ids', '[]'::jsonb) AS policy_ids
+          FROM ledger_events r
+         WHERE r.event_type = %(reservation)s AND r.occurred_at >= %(since)s
+           AND r.request_id IS NOT NULL AND r.metadata ? 'hold'
+           AND NOT EXISTS (SELECT 1 FROM ledger_events c
+                            WHERE c.agent_id = r.agent_id AND c.occurred_at = r.occurred_at
+                              AND c.request_id = r.request_id AND c.event_type = ANY(%(closing)s))
+         ORDER BY r.occurred_at
+        """,
+        {
+            "reservation": str(LedgerEventType.RESERVATION),
+            "closing": [str(LedgerEventType.SETTLEMENT), str(LedgerEventType.EXPIRY)],
+            "since": since,
+        },
+    ).fetchall()
 
 
 def policy_totals(
