@@ -89,15 +89,23 @@ def ledger_totals(
     return totals
 
 
-def unclosed_holds(db: Database, now: datetime) -> list[ExpiredHold]:
-    """The holds the ledger shows reserved (in the seeded span) and neither settled nor expired.
+def unclosed_holds(db: Database, now: datetime) -> list[ExpiredHold] | None:
+    """The holds the ledger shows reserved (in the seeded span) and neither settled nor expired; None while
+    the ledger writer has not applied every event on the PostgreSQL event log.
 
-    With in-process counters, only this process holds anything: what it finds at start, a previous run
-    left open when it stopped (``kill -9``, a crash, a lost machine) with the call possibly made. Such a
-    hold is charged at its amount, as an expired one is: the counters count it, and its expiry event goes
-    to the ledger (a settlement that still arrives corrects it, as for any expiry).
+    With in-process counters, only this process holds anything: what it finds at start, an earlier run left
+    open when it stopped (``kill -9``, a crash, a lost machine) with the call possibly made. Such a hold is
+    charged at its amount, as an expired one is. Only once the ledger shows everything on the log, though:
+    a settlement of that run still on its way would otherwise be charged as well. Read on the primary, in
+    one transaction.
     """
-    with db.read() as conn:
+    from caracald.bus import pg_log
+    from caracald.consumers.ledger_writer import GROUP
+
+    with db.transaction() as conn:
+        end = pg_log.end_offset(conn, METERING_TOPIC)
+        if pg_log.committed_offsets(conn, GROUP).get((METERING_TOPIC, 0), 0) < end:
+            return None
         rows = spend_store.unclosed_reservations(conn, now - SEED_SPAN)
     return [
         ExpiredHold(
@@ -111,29 +119,17 @@ def unclosed_holds(db: Database, now: datetime) -> list[ExpiredHold]:
     ]
 
 
-def _ledger_caught_up(db: Database) -> bool:
-    """Whether the ledger writer has applied every event on the PostgreSQL event log: then the ledger shows
-    every settlement and expiry an earlier run sent."""
-    from caracald.bus import pg_log
-    from caracald.consumers.ledger_writer import GROUP
-
-    with db.read() as conn:
-        end = pg_log.end_offset(conn, METERING_TOPIC)
-        return pg_log.committed_offsets(conn, GROUP).get((METERING_TOPIC, 0), 0) >= end
-
-
 async def _left_open(config: CaracalConfig, db: Database, now: datetime) -> list[ExpiredHold]:
-    """The holds an earlier run of an in-process budget left open (see :func:`unclosed_holds`), looked for
-    only when the ledger is known to show everything that run sent: a settlement still on its way would
-    otherwise be charged twice."""
+    """The holds an earlier run of the in-process counters left open (see :func:`unclosed_holds`)."""
     if config.bus.kind != "postgres":
         return []  # Kafka's backlog is not read here: such holds stay open in the ledger
-    if not await asyncio.to_thread(_ledger_caught_up, db):
+    holds = await asyncio.to_thread(unclosed_holds, db, now)
+    if holds is None:
         log.warning(
             "the ledger writer has not applied every event yet: holds left open are looked for next start"
         )
         return []
-    return await asyncio.to_thread(unclosed_holds, db, now)
+    return holds
 
 
 async def _expire_left_open(holds: Sequence[ExpiredHold], sink: EventSink, now: datetime) -> None:
