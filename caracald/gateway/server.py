@@ -72,7 +72,7 @@ def ledger_totals(
 ) -> dict[tuple[uuid.UUID, str], Money]:
     """Settled spend per (policy, spend slot), from the ledger, for the policies in force now; the holds in
     ``charging`` count as charged at their amount (their expiry is on its way to the ledger)."""
-    with db.read() as conn:
+    with db.transaction() as conn:  # the primary: a lagging replica would under-count
         snapshot = load_snapshot(conn)
         events = charged_since(conn, now - SEED_SPAN)
     windows = {p.policy_id: p.terms.window for p in snapshot.policies}
