@@ -1,9 +1,7 @@
 """Running the gateway from the configuration: the store, the budget backend, the event sink, uvicorn.
 
-* Budget: ``budget.backend: local`` runs the in-process counters, seeded at start from the ledger's charges
-  of the last 32 days (every calendar or rolling window is shorter), so a restart does not forget spend, and
-  from the holds an earlier run left open, charged at their amount (see :func:`unclosed_holds`);
-  ``redis`` shares them with every replica (``redis.url``).
+* Budget: ``budget.backend: local`` runs the in-process counters, seeded at start from the ledger
+  (:mod:`caracald.gateway.local_counters`); ``redis`` shares them with every replica (``redis.url``).
 * Events: with ``bus.kind: kafka`` they go to Kafka, otherwise to the event log in PostgreSQL, through the
   local spool when ``bus.spool_dir`` is set; the ledger writer applies them (``caracald up`` runs it, and the
   audit logger, in process).
@@ -22,22 +20,14 @@ import gc
 import importlib.util
 import logging
 import ssl
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import replace
-from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any
 
 import uvicorn
 
-from caracald.budget.base import BudgetBackend, ExpiredHold
-from caracald.core.budget import spend_slot
-from caracald.core.events import METERING_TOPIC
-from caracald.core.money import Money
+from caracald.budget.base import BudgetBackend
 from caracald.gateway.app import GatewayDeps, create_app
-from caracald.gateway.billing import expiry_event
 from caracald.gateway.cache import PostgresSnapshotSource
 from caracald.gateway.counters import CounterGuard
 from caracald.gateway.journal import ChargeJournal
@@ -45,15 +35,10 @@ from caracald.gateway.sinks import EventSink, LoopDelivery, SplitSink
 from caracald.gateway.switches import PostgresSwitch, RedisSwitch, SwitchSource
 from caracald.runtime.config import CaracalConfig
 from caracald.runtime.sdnotify import Notifier, Watchdog
-from caracald.store import spend as spend_store
 from caracald.store.connect import daemon_pool_sizes, open_database
 from caracald.store.database import Database
-from caracald.store.gateway import charged_since, load_snapshot
 
 log = logging.getLogger(__name__)
-
-#: How far back the in-process counters are rebuilt from the ledger (longer than any window).
-SEED_SPAN = timedelta(days=32)
 
 #: Redis connections per gateway process, and how long a request may wait for a free one. A burst of
 #: hundreds of requests queues for connections while the event loop works through it: that wait is load,
@@ -65,84 +50,6 @@ REDIS_POOL_TIMEOUT_SECONDS = 10.0
 PROMPT_SPOOL = "prompt"
 #: The write-ahead journal of charges, in ``bus.spool_dir``.
 JOURNAL_FILE = "charges.journal"
-
-
-def ledger_totals(
-    db: Database, now: datetime, charging: Sequence[ExpiredHold] = ()
-) -> dict[tuple[uuid.UUID, str], Money]:
-    """Settled spend per (policy, spend slot), from the ledger, for the policies in force now; the holds in
-    ``charging`` count as charged at their amount (their expiry is on its way to the ledger)."""
-    with db.transaction() as conn:  # the primary: a lagging replica would under-count
-        snapshot = load_snapshot(conn)
-        events = charged_since(conn, now - SEED_SPAN)
-    windows = {p.policy_id: p.terms.window for p in snapshot.policies}
-    charges = [(e.policy_ids, e.occurred_at, Money(e.cost, e.currency)) for e in events]
-    charges += [(h.policy_ids, h.reserved_at, h.amount) for h in charging]
-    totals: dict[tuple[uuid.UUID, str], Money] = {}
-    for policy_ids, occurred_at, amount in charges:
-        for policy_id in policy_ids:
-            spec = windows.get(policy_id)
-            if spec is None:
-                continue
-            key = (policy_id, spend_slot(spec, occurred_at))
-            totals[key] = totals[key] + amount if key in totals else amount
-    return totals
-
-
-def unclosed_holds(db: Database, now: datetime) -> list[ExpiredHold] | None:
-    """The holds the ledger shows reserved (in the seeded span) and neither settled nor expired; None while
-    the ledger writer has not applied every event on the PostgreSQL event log.
-
-    With in-process counters, only this process holds anything: what it finds at start, an earlier run left
-    open when it stopped (``kill -9``, a crash, a lost machine) with the call possibly made. Such a hold is
-    charged at its amount, as an expired one is. Only once the ledger shows everything on the log, though:
-    a settlement of that run still on its way would otherwise be charged as well. Read on the primary, in
-    one transaction.
-    """
-    from caracald.bus import pg_log
-    from caracald.consumers.ledger_writer import GROUP
-
-    with db.transaction() as conn:
-        end = pg_log.end_offset(conn, METERING_TOPIC)
-        if pg_log.committed_offsets(conn, GROUP).get((METERING_TOPIC, 0), 0) < end:
-            return None
-        rows = spend_store.unclosed_reservations(conn, now - SEED_SPAN)
-    return [
-        ExpiredHold(
-            request_id=row["request_id"],
-            agent_id=row["agent_id"],
-            amount=Money(Decimal(row["hold"]), row["currency"].strip()),
-            policy_ids=tuple(uuid.UUID(p) for p in row["policy_ids"]),
-            reserved_at=row["occurred_at"],
-        )
-        for row in rows
-    ]
-
-
-async def _left_open(config: CaracalConfig, db: Database, now: datetime) -> list[ExpiredHold]:
-    """The holds an earlier run of the in-process counters left open (see :func:`unclosed_holds`)."""
-    if config.bus.kind != "postgres":
-        return []  # Kafka's backlog is not read here: such holds stay open in the ledger
-    holds = await asyncio.to_thread(unclosed_holds, db, now)
-    if holds is None:
-        log.warning(
-            "the ledger writer has not applied every event yet: holds left open are looked for next start"
-        )
-        return []
-    return holds
-
-
-async def _expire_left_open(holds: Sequence[ExpiredHold], sink: EventSink, now: datetime) -> None:
-    log.warning(
-        "%d hold(s) left open by an earlier run (stopped before settling them): charged at their amount",
-        len(holds),
-    )
-    for hold in holds:
-        event = expiry_event(hold, now)
-        try:
-            await sink.emit(replace(event, extra={**event.extra, "left_open": True}))
-        except Exception as exc:  # counted anyway; still open in the ledger, found again next start
-            log.error("expiry of %s not recorded: %s", hold.request_id, exc)
 
 
 async def make_budget(
@@ -168,17 +75,9 @@ async def make_budget(
         watching = asyncio.create_task(guard.run(), name="caracal-budget-counters")
         stack.callback(watching.cancel)
         return redis_budget
-    from caracald.budget.local_backend import LocalBudget
+    from caracald.gateway.local_counters import open_local_budget
 
-    local = LocalBudget()
-    now = datetime.now(UTC)
-    left_open = await _left_open(config, db, now)
-    totals = await asyncio.to_thread(ledger_totals, db, now, left_open)
-    await local.seed(totals)
-    log.info("in-process budget counters seeded from %d ledger slot(s)", len(totals))
-    if left_open:
-        await _expire_left_open(left_open, sink, now)
-    return local
+    return await open_local_budget(db, sink, event_log=config.bus.kind == "postgres")
 
 
 def make_sink(config: CaracalConfig, db: Database) -> EventSink:
